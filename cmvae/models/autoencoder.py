@@ -1,0 +1,302 @@
+"""The Cross-modal Video VAE: spatial stage, temporal stage, and the encode/decode API."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_outputs import AutoencoderKLOutput
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from torch import nn
+
+from .attention import TextContext
+from .config import CMVAEConfig, preset
+from .distributions import DiagonalGaussian
+from .spatial import SpatialDecoder, SpatialEncoder
+from .temporal import TemporalDecoder, TemporalEncoder
+
+Captions = str | Sequence[str | None] | None
+
+
+class CaptionEncoder(Protocol):
+    """What the model needs of a text encoder (see `cmvae.text`)."""
+
+    dim: int
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass
+class DecoderOutput(BaseOutput):
+    """Output of `decode`: the frames, (B, 3, T, H, W) in [-1, 1] (not clamped)."""
+
+    sample: torch.Tensor
+
+
+@dataclass
+class CMVAEOutput(BaseOutput):
+    """Output of a full pass: the reconstruction and both posteriors.
+
+    `latent_dist` is the final posterior (temporal in video mode, spatial in image mode);
+    the KL term of training uses it alone.
+    """
+
+    sample: torch.Tensor
+    latent_dist: DiagonalGaussian
+    spatial_dist: DiagonalGaussian
+
+
+def _fold_frames(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B*T, C, 1, H, W): every frame becomes its own image."""
+    b, c, t, h, w = x.shape
+    return x.transpose(1, 2).reshape(b * t, c, 1, h, w)
+
+
+def _unfold_frames(x: torch.Tensor, batch: int) -> torch.Tensor:
+    n, c, _, h, w = x.shape
+    return x.reshape(batch, n // batch, c, h, w).transpose(1, 2)
+
+
+class CrossModalVAE(ModelMixin, ConfigMixin):
+    """Cross-modal Video VAE (Xing et al., arXiv 2412.17805), with the released parameter names.
+
+    Videos `(B, 3, T, H, W)` in [-1, 1] with `T` a multiple of 4 encode to `(B, zc, T/4, H/8, W/8)`;
+    an image (`T == 1`) runs in image mode (no temporal layers, no temporal stage) and encodes to
+    `(B, zc, 1, H/8, W/8)`. The keyword arguments are the fields of `CMVAEConfig`.
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        latent_channels: int = 16,
+        use_quant_conv: bool = False,
+        base_channels: int = 128,
+        channel_multipliers: tuple[int, ...] = (1, 2, 4, 4),
+        num_res_blocks: int = 2,
+        norm_num_groups: int = 32,
+        dropout: float = 0.0,
+        temporal_channels: int = 128,
+        temporal_compression: int = 4,
+        max_relative_position: int = 64,
+        context_dim: int | None = None,
+        cross_attention_heads: int = 8,
+        cross_attention_head_dim: int = 64,
+        cross_attention_patch_sizes: tuple[int, ...] = (8, 4, 2, 1),
+    ):
+        super().__init__()
+        cfg = CMVAEConfig(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
+        self.cfg = cfg
+        self.encoder = SpatialEncoder(cfg)
+        self.decoder = SpatialDecoder(cfg)
+        self.encoder_temporal = TemporalEncoder(cfg)
+        self.decoder_temporal = TemporalDecoder(cfg)
+        zc = cfg.latent_channels
+        self.quant_conv = nn.Conv3d(2 * zc, 2 * zc, 1) if use_quant_conv else None
+        self.post_quant_conv = nn.Conv3d(zc, zc, 1) if use_quant_conv else None
+        self._text_encoder: list[CaptionEncoder] = []  # a list keeps it out of state_dict and .to()
+
+    @classmethod
+    def from_cmvae_config(cls, cfg: CMVAEConfig) -> CrossModalVAE:
+        return cls(**cfg.to_dict())
+
+    @classmethod
+    def from_preset(cls, name: str, **changes) -> CrossModalVAE:
+        """A freshly initialised model of a named preset (`16z`, `4z-text`, `small-16z`, `tiny`, ...)."""
+        return cls.from_cmvae_config(preset(name).replace(**changes))
+
+    # ---- text ---------------------------------------------------------------------------------
+
+    @property
+    def text_encoder(self) -> CaptionEncoder | None:
+        return self._text_encoder[0] if self._text_encoder else None
+
+    def set_text_encoder(self, encoder: CaptionEncoder | None) -> None:
+        """Attach the encoder that turns `captions=` into embeddings (not saved with the model)."""
+        if encoder is not None and self.cfg.has_text and encoder.dim != self.cfg.context_dim:
+            raise ValueError(f"text encoder gives {encoder.dim}-wide embeddings, but this model's cross-attention "
+                             f"expects context_dim={self.cfg.context_dim}")
+        self._text_encoder = [] if encoder is None else [encoder]
+
+    def text_context(
+        self,
+        batch: int,
+        captions: Captions = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> TextContext | None:
+        """Resolve captions or precomputed embeddings into one `TextContext` row per sample."""
+        if not self.cfg.has_text:
+            if captions is not None or context is not None:
+                raise ValueError("this model has no text cross-attention (context_dim is None): "
+                                 "do not pass captions or context")
+            return None
+        if context is None:
+            context, context_mask = self._embed_captions(batch, captions)
+        elif captions is not None:
+            raise ValueError("pass either captions or context, not both")
+        return self._check_context(batch, context, context_mask)
+
+    def _embed_captions(self, batch: int, captions: Captions) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.text_encoder is None:
+            raise ValueError(
+                "this model is text-conditioned: pass context= (caption embeddings of shape "
+                f"(B, L, {self.cfg.context_dim})) with context_mask=, or attach a text encoder with "
+                "model.set_text_encoder(...) (see cmvae.text) and pass captions="
+            )
+        if captions is None or isinstance(captions, str):
+            captions = [captions or ""] * batch
+        captions = ["" if c is None else c for c in captions]  # a missing caption is the empty string
+        if len(captions) != batch:
+            raise ValueError(f"got {len(captions)} captions for a batch of {batch}")
+        return self.text_encoder(captions)
+
+    def _check_context(self, batch: int, context: torch.Tensor, mask: torch.Tensor | None) -> TextContext:
+        if context.ndim != 3 or context.shape[-1] != self.cfg.context_dim or context.shape[0] not in (1, batch):
+            raise ValueError(f"context must have shape ({batch}, L, {self.cfg.context_dim}), got {tuple(context.shape)}")
+        if mask is None:
+            mask = torch.ones(context.shape[:2])
+        if tuple(mask.shape) != tuple(context.shape[:2]):
+            raise ValueError(f"context_mask must have shape {tuple(context.shape[:2])}, got {tuple(mask.shape)}")
+        context = context.to(self.device).expand(batch, -1, -1)
+        mask = mask.to(self.device).expand(batch, -1)
+        return TextContext(context, mask)
+
+    # ---- the two stages, callable on their own ------------------------------------------------
+
+    def encode_spatial(self, x: torch.Tensor, text: TextContext | None = None, image_mode: bool = False) -> DiagonalGaussian:
+        """Frames (B, 3, T, H, W) -> spatial posterior over (B, zc, T, H/8, W/8) (after `quant_conv`).
+
+        In image mode every frame is encoded alone, with no temporal layer.
+        """
+        if image_mode:
+            batch, frames = x.shape[0], x.shape[2]
+            text = None if text is None else text.repeat_frames(frames)
+            moments = _unfold_frames(self._spatial_moments(_fold_frames(x), text, video=False), batch)
+        else:
+            moments = self._spatial_moments(x, text, video=True)
+        return DiagonalGaussian(moments)
+
+    def _spatial_moments(self, x: torch.Tensor, text: TextContext | None, video: bool) -> torch.Tensor:
+        moments = self.encoder(x, text, video)
+        return self.quant_conv(moments) if self.quant_conv is not None else moments
+
+    def decode_spatial(self, z1: torch.Tensor, text: TextContext | None = None, image_mode: bool = False) -> torch.Tensor:
+        """Spatial latent (B, zc, T, h, w) -> frames (B, 3, T, 8h, 8w)."""
+        if image_mode:
+            batch, frames = z1.shape[0], z1.shape[2]
+            text = None if text is None else text.repeat_frames(frames)
+            return _unfold_frames(self._decode_frames(_fold_frames(z1), text, video=False), batch)
+        return self._decode_frames(z1, text, video=True)
+
+    def _decode_frames(self, z1: torch.Tensor, text: TextContext | None, video: bool) -> torch.Tensor:
+        if self.post_quant_conv is not None:
+            z1 = self.post_quant_conv(z1)
+        return self.decoder(z1, text, video)
+
+    def encode_temporal(self, z1: torch.Tensor, text: TextContext | None = None) -> DiagonalGaussian:
+        """Spatial latent (B, zc, T, h, w) -> temporal posterior over (B, zc, T/4, h, w)."""
+        return DiagonalGaussian(self.encoder_temporal(z1, text))
+
+    def decode_temporal(self, z: torch.Tensor, text: TextContext | None = None) -> torch.Tensor:
+        """Latent (B, zc, T/4, h, w) -> spatial latent (B, zc, T, h, w)."""
+        return self.decoder_temporal(z, text)
+
+    # ---- public API ---------------------------------------------------------------------------
+
+    def encode(
+        self,
+        x: torch.Tensor,
+        captions: Captions = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        sample_spatial: bool = False,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> AutoencoderKLOutput | tuple[DiagonalGaussian]:
+        """Encode videos (T a multiple of 4) or images (T == 1) to the final posterior.
+
+        The temporal stage reads the spatial posterior's mean unless `sample_spatial` is set.
+        """
+        self._check_frames(x)
+        text = self.text_context(x.shape[0], captions, context, context_mask)
+        spatial = self.encode_spatial(x, text, image_mode=x.shape[2] == 1)
+        if x.shape[2] == 1:
+            posterior = spatial
+        else:
+            z1 = spatial.sample(generator) if sample_spatial else spatial.mode()
+            posterior = self.encode_temporal(z1, text)
+        return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+
+    def decode(
+        self,
+        z: torch.Tensor,
+        captions: Captions = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        image_mode: bool | None = None,
+        return_dict: bool = True,
+    ) -> DecoderOutput | tuple[torch.Tensor]:
+        """Decode latents (B, zc, t, h, w) to (B, 3, 4t, 8h, 8w), or images in image mode.
+
+        `image_mode=None` takes a latent with t == 1 for an image; pass `image_mode=False` to decode
+        the single latent frame of a 4-frame video.
+        """
+        self._check_latent(z)
+        text = self.text_context(z.shape[0], captions, context, context_mask)
+        image_mode = z.shape[2] == 1 if image_mode is None else image_mode
+        z1 = z if image_mode else self.decode_temporal(z, text)
+        sample = self.decode_spatial(z1, text, image_mode=image_mode)
+        return DecoderOutput(sample=sample) if return_dict else (sample,)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        captions: Captions = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        sample_posterior: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> CMVAEOutput:
+        """Encode and decode. With `sample_posterior` both posteriors are sampled (as in training)."""
+        self._check_frames(x)
+        text = self.text_context(x.shape[0], captions, context, context_mask)
+        image_mode = x.shape[2] == 1
+        spatial = self.encode_spatial(x, text, image_mode=image_mode)
+        z1 = spatial.sample(generator) if sample_posterior else spatial.mode()
+        if image_mode:
+            return CMVAEOutput(sample=self.decode_spatial(z1, text, image_mode=True), latent_dist=spatial,
+                               spatial_dist=spatial)
+        temporal = self.encode_temporal(z1, text)
+        z = temporal.sample(generator) if sample_posterior else temporal.mode()
+        sample = self.decode_spatial(self.decode_temporal(z, text), text)
+        return CMVAEOutput(sample=sample, latent_dist=temporal, spatial_dist=spatial)
+
+    # ---- input checks -------------------------------------------------------------------------
+
+    def _check_frames(self, x: torch.Tensor) -> None:
+        cfg = self.cfg
+        if x.ndim != 5:
+            hint = " (for images, add a frame axis: x.unsqueeze(2))" if x.ndim == 4 else ""
+            raise ValueError(f"expected a (B, {cfg.in_channels}, T, H, W) tensor, got shape {tuple(x.shape)}{hint}")
+        _, c, t, h, w = x.shape
+        if c != cfg.in_channels:
+            raise ValueError(f"expected {cfg.in_channels} channels (RGB in [-1, 1]) at dim 1, got {c}")
+        f, s = cfg.temporal_compression, cfg.spatial_compression
+        if t != 1 and t % f:
+            raise ValueError(f"a video needs a multiple of {f} frames (or 1 for an image), got {t}: "
+                             f"pad with copies of the last frame to {-(-t // f) * f}")
+        if h % s or w % s:
+            raise ValueError(f"height and width must be multiples of {s}, got {h}x{w}: "
+                             f"pad to {-(-h // s) * s}x{-(-w // s) * s} and crop the output back")
+
+    def _check_latent(self, z: torch.Tensor) -> None:
+        zc = self.cfg.latent_channels
+        if z.ndim != 5 or z.shape[1] != zc:
+            raise ValueError(f"expected a latent of shape (B, {zc}, t, h, w), got {tuple(z.shape)}")

@@ -1,0 +1,63 @@
+"""Small building blocks shared by both stages: float32 normalisations and (1,3,3) convolutions."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype, so half precision cannot overflow it.
+
+    On a (B, C, T, H, W) tensor the statistics are pooled over all frames and positions.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+def group_norm(channels: int, groups: int, eps: float = 1e-6) -> GroupNorm32:
+    return GroupNorm32(groups, channels, eps=eps)
+
+
+def spatial_conv(c_in: int, c_out: int, stride: int = 1, padding: int = 1) -> nn.Conv3d:
+    """A 2D 3x3 convolution applied to every frame: Conv3d with kernel (1, 3, 3)."""
+    return nn.Conv3d(c_in, c_out, kernel_size=(1, 3, 3), stride=(1, stride, stride), padding=(0, padding, padding))
+
+
+def pointwise_conv(c_in: int, c_out: int) -> nn.Conv3d:
+    return nn.Conv3d(c_in, c_out, kernel_size=1)
+
+
+class Downsample(nn.Module):
+    """Halves H and W: pad one pixel right and bottom, then a stride-2 (1,3,3) conv. Time is untouched."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = spatial_conv(channels, channels, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Doubles H and W of every frame (nearest neighbour, never in time), then a (1,3,3) conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = spatial_conv(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest"))
