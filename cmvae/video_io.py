@@ -1,0 +1,254 @@
+"""Reading and writing videos and images with PyAV, a chunk of frames at a time.
+
+Frames are `uint8` arrays `(n, H, W, 3)` in RGB. Every input (any pixel format FFmpeg decodes:
+grayscale, alpha, 10-bit and more) comes out as 8-bit RGB; what was converted is noted in
+`MediaInfo.notes`. Outputs are written under a temporary name and renamed when complete, so a
+failed or interrupted write never leaves a partial file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif", ".m4v", ".mpg", ".mpeg", ".ogv", ".flv", ".wmv"}
+DEFAULT_FPS = Fraction(24)
+
+
+class MediaError(ValueError):
+    """A file that is missing, unreadable, or holds no decodable frames."""
+
+
+@dataclass
+class MediaInfo:
+    path: Path
+    width: int
+    height: int
+    fps: Fraction
+    frame_count: int | None  # from the container; None when it does not say (count by decoding)
+    is_image: bool
+    pix_fmt: str
+    notes: list[str] = field(default_factory=list)
+
+
+def is_image_path(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _open(path: Path) -> av.container.InputContainer:
+    if not path.exists():
+        raise MediaError(f"{path}: no such file")
+    if path.is_dir():
+        raise MediaError(f"{path} is a folder, not a video or image file")
+    try:
+        return av.open(str(path))
+    except (av.FFmpegError, UnicodeDecodeError) as error:
+        raise MediaError(f"{path}: not a video or image FFmpeg can read ({_reason(error)})") from None
+
+
+def _reason(error: Exception) -> str:
+    return getattr(error, "strerror", None) or str(error) or type(error).__name__
+
+
+def _conversion_notes(pix_fmt: str) -> list[str]:
+    """What converting this pixel format to 8-bit RGB changes, in words."""
+    try:
+        fmt = av.VideoFormat(pix_fmt)
+    except (ValueError, av.FFmpegError):
+        return []
+    colour = [c for c in fmt.components if not c.is_alpha]
+    notes = []
+    if len(colour) == 1 and not fmt.has_palette:
+        notes.append(f"grayscale input ({pix_fmt}) converted to RGB")
+    if any(c.is_alpha for c in fmt.components):
+        notes.append(f"alpha channel of {pix_fmt} input dropped")
+    if max(c.bits for c in fmt.components) > 8:
+        notes.append(f"high bit depth input ({pix_fmt}) converted to 8-bit RGB")
+    return notes
+
+
+def probe(path: str | os.PathLike) -> MediaInfo:
+    """Size, frame rate and frame count of a video or image, without decoding the whole file."""
+    path = Path(path)
+    with _open(path) as container:
+        if not container.streams.video:
+            kinds = ", ".join(sorted({s.type for s in container.streams})) or "nothing"
+            raise MediaError(f"{path}: no video stream (the file holds {kinds})")
+        stream = container.streams.video[0]
+        context = stream.codec_context
+        width, height, pix_fmt = context.width, context.height, context.pix_fmt or ""
+        if not width or not height:
+            first = _first_frame(container, stream, path)
+            width, height, pix_fmt = first.width, first.height, first.format.name
+        fps = stream.average_rate or stream.guessed_rate or DEFAULT_FPS
+        frames = stream.frames or None
+        image = is_image_path(path)
+    return MediaInfo(path, width, height, Fraction(fps), 1 if image else frames, image, pix_fmt,
+                     _conversion_notes(pix_fmt))
+
+
+def _first_frame(container, stream, path: Path) -> av.VideoFrame:
+    try:
+        for frame in container.decode(stream):
+            return frame
+    except av.FFmpegError as error:
+        raise MediaError(f"{path}: cannot decode ({_reason(error)})") from None
+    raise MediaError(f"{path}: the video has no frames")
+
+
+def iter_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
+    """Every frame as an 8-bit RGB array (H, W, 3), decoded one at a time."""
+    path = Path(path)
+    count = 0
+    with _open(path) as container:
+        if not container.streams.video:
+            raise MediaError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        try:
+            for frame in container.decode(stream):
+                count += 1
+                yield frame.to_ndarray(format="rgb24")
+        except av.FFmpegError as error:
+            if count == 0:
+                raise MediaError(f"{path}: cannot decode ({_reason(error)})") from None
+            raise MediaError(f"{path}: decoding failed after {count} frames, the file is truncated or corrupt "
+                             f"({_reason(error)})") from None
+    if count == 0:
+        raise MediaError(f"{path}: the video has no frames")
+
+
+def iter_chunks(path: str | os.PathLike, chunk: int) -> Iterator[np.ndarray]:
+    """Frames in chunks of `chunk` (the last may be shorter), each (n, H, W, 3) uint8."""
+    buffer = []
+    for frame in iter_frames(path):
+        buffer.append(frame)
+        if len(buffer) == chunk:
+            yield np.stack(buffer)
+            buffer = []
+    if buffer:
+        yield np.stack(buffer)
+
+
+def read_video(path: str | os.PathLike, max_frames: int | None = None) -> np.ndarray:
+    """All frames (or the first `max_frames`) at once: (T, H, W, 3) uint8. For short clips and tests."""
+    frames = []
+    for frame in iter_frames(path):
+        frames.append(frame)
+        if max_frames is not None and len(frames) >= max_frames:
+            break
+    return np.stack(frames)
+
+
+@dataclass
+class EncodeSettings:
+    """H.264 by default (`crf`: lower is better, 0-51); `lossless` writes RGB H.264 at qp 0, exact."""
+
+    crf: int = 18
+    lossless: bool = False
+    preset: str = "medium"
+
+
+class VideoWriter:
+    """Writes frames as they come to `path` (H.264 mp4 by default), atomically.
+
+    Use as a context manager: on success the file appears under its name, on an exception the
+    temporary file is removed. An image path (`.png`, ...) takes exactly one frame.
+    """
+
+    def __init__(self, path: str | os.PathLike, fps: Fraction = DEFAULT_FPS,
+                 settings: EncodeSettings | None = None):
+        self.path = Path(path)
+        self.fps = Fraction(fps)
+        self.settings = settings or EncodeSettings()
+        self.frames_written = 0
+        self._container = None
+        self._stream = None
+        self._temp: Path | None = None
+
+    def __enter__(self) -> VideoWriter:
+        if not self.path.parent.is_dir():
+            raise MediaError(f"cannot write {self.path}: folder {self.path.parent} does not exist")
+        try:
+            handle, name = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=self.path.suffix,
+                                            dir=self.path.parent)
+        except OSError as error:
+            raise MediaError(f"cannot write {self.path}: {error.strerror}") from None
+        os.close(handle)
+        self._temp = Path(name)
+        return self
+
+    def write(self, frames: np.ndarray) -> None:
+        """Append frames (n, H, W, 3) uint8 RGB (or one frame (H, W, 3))."""
+        frames = frames[None] if frames.ndim == 3 else frames
+        for frame in frames:
+            if self._stream is None:
+                self._start(frame.shape[1], frame.shape[0])
+            video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            for packet in self._stream.encode(video_frame):
+                self._container.mux(packet)
+            self.frames_written += 1
+
+    def _start(self, width: int, height: int) -> None:
+        image = is_image_path(self.path)
+        fmt = "image2" if image else None
+        self._container = av.open(str(self._temp), mode="w", format=fmt)
+        if image:
+            codec, pix_fmt, options = ("png", "rgb24", {}) if self.path.suffix.lower() == ".png" else \
+                ("mjpeg", "yuvj444p", {"qscale": "2"})
+            if self.path.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+                raise MediaError(f"cannot write {self.path}: images are written as .png or .jpg")
+            stream = self._container.add_stream(codec, rate=1)
+        elif self.settings.lossless:
+            codec, pix_fmt, options = "libx264rgb", "rgb24", {"qp": "0", "preset": self.settings.preset}
+            stream = self._container.add_stream(codec, rate=self.fps)
+        else:
+            # 4:2:0 needs even sizes; odd-sized videos keep their size in 4:4:4
+            pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
+            codec, options = "libx264", {"crf": str(self.settings.crf), "preset": self.settings.preset}
+            stream = self._container.add_stream(codec, rate=self.fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        stream.options = options
+        self._stream = stream
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._finish()
+        finally:
+            if self._container is not None:
+                self._container.close()
+            if exc_type is None and self.frames_written:
+                os.replace(self._temp, self.path)
+            elif self._temp is not None:
+                self._temp.unlink(missing_ok=True)
+        if exc_type is None and not self.frames_written:
+            raise MediaError(f"nothing to write to {self.path}: no frames")
+
+    def _finish(self) -> None:
+        if self._stream is not None:
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+
+
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: Fraction = DEFAULT_FPS,
+                settings: EncodeSettings | None = None) -> Path:
+    """Write all frames (T, H, W, 3) uint8 at once."""
+    with VideoWriter(path, fps, settings) as writer:
+        writer.write(frames)
+    return Path(path)
+
+
+def list_media(folder: str | os.PathLike) -> list[Path]:
+    """Videos and images in a folder (not recursive), sorted by name."""
+    folder = Path(folder)
+    suffixes = IMAGE_SUFFIXES | VIDEO_SUFFIXES
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
