@@ -45,9 +45,16 @@ def to_unit(frames: np.ndarray) -> np.ndarray:
 
 
 def quantize(frames: np.ndarray) -> np.ndarray:
-    """Float frames in [0, 1] to uint8 as a saved file holds them: clamp, then round half up."""
-    frames = np.asarray(frames, dtype=np.float64)
-    return np.floor(np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    """Float frames in [0, 1] to uint8 as a saved file holds them: clamp, scale by 255, round to nearest.
+
+    Computed in the input's precision with ties to even, exactly as `cmvae.pipeline` rounds the
+    frames it writes, so scoring in memory and scoring a lossless file agree bit for bit.
+    """
+    frames = np.asarray(frames)
+    if not np.issubdtype(frames.dtype, np.floating):
+        raise ValueError(f"quantize takes floating-point frames in [0, 1], got dtype {frames.dtype}")
+    scale = frames.dtype.type(255)
+    return np.rint(np.clip(frames, 0, 1) * scale).astype(np.uint8)
 
 
 def _difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:

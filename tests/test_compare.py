@@ -116,7 +116,7 @@ def test_compare_writes_table_and_plot(setup, capsys):
     x = torch.from_numpy(np.concatenate([frames, np.repeat(frames[-1:], 3, axis=0)])).permute(3, 0, 1, 2)[None]
     with torch.no_grad():
         y = wan.decode(wan.encode(x.float() / 127.5 - 1).latent_dist.mode()).sample[0, :, :6]
-    recon = np.floor(np.clip((y.permute(1, 2, 3, 0).numpy() + 1) / 2, 0, 1) * 255 + 0.5)
+    recon = np.round(np.clip((y.permute(1, 2, 3, 0).numpy() + 1) / 2, 0, 1) * np.float32(255))
     expected = np.mean([10 * np.log10(255.0**2 / np.mean((frames[t] - recon[t]) ** 2)) for t in range(6)])
     wan_result = next(m for m in report["models"] if m["model"] == "wan")
     assert wan_result["per_video"]["bikes"]["psnr"] == pytest.approx(expected, abs=1e-4)

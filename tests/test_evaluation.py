@@ -22,6 +22,7 @@ from cmvae.evaluation import (Clip, EvalSettings, Reconstructor, VideoScorer, ev
                               read_dataset, write_reports)
 from cmvae.evaluation_command import main, register
 from cmvae.models import CMVAEConfig, CrossModalVAE
+from cmvae.video_io import EncodeSettings
 
 from media import encode_file, moving_pattern, sample_clip
 
@@ -286,7 +287,7 @@ def test_model_on_a_csv_dataset_scores_the_quantised_reconstruction(tmp_path):
     reconstructor = direct_reconstructor(tiny_model())
     frames = decode_rgb(clips_dir / "pattern.mkv")
     output = reconstructor.reconstruct(frames, None)
-    eight_bit = np.floor(np.clip(output, 0, 1) * 255 + 0.5)  # what a saved file would hold
+    eight_bit = np.round(np.clip(output, 0, 1) * np.float32(255))  # what a saved file would hold
     as_floats = np.clip(output, 0, 1) * 255
 
     quantised = evaluate_model(clips, reconstructor, EvalSettings(worst_frames=1))
@@ -345,11 +346,23 @@ def test_eval_of_a_model_through_the_pipeline(tmp_path, capsys):
 
     pipe = VideoPipeline(CrossModalVAE.from_pretrained(folder), PipelineSettings(chunk_frames=4, tile=0, device="cpu"))
     frames = decode_rgb(tmp_path / "clip.mkv")
-    recon = np.floor(np.clip(pipe.reconstruct_array(frames), 0, 1) * 255 + 0.5)
+    recon = np.round(np.clip(pipe.reconstruct_array(frames), 0, 1) * np.float32(255))
     expected = [10 * np.log10(255.0**2 / np.mean((frames[t] - recon[t]) ** 2)) for t in range(10)]
     assert report["pooled"]["psnr"] == pytest.approx(np.mean(expected), abs=1e-6)
     boundary = [expected[t] for t in (3, 4, 7, 8)]
     assert report["pooled"]["boundary_psnr"] == pytest.approx(np.mean(boundary), abs=1e-6)
+
+    # the file route: a lossless file written by the pipeline, scored as a folder, gives the same figures
+    truth, recon_dir = tmp_path / "truth", tmp_path / "recon"
+    truth.mkdir()
+    recon_dir.mkdir()
+    (truth / "clip.mkv").write_bytes((tmp_path / "clip.mkv").read_bytes())
+    pipe.reconstruct(truth / "clip.mkv", recon_dir / "clip_reconstructed.mp4",
+                     encode_settings=EncodeSettings(lossless=True))
+    assert run(["eval", str(truth), str(recon_dir), "-o", str(tmp_path / "files"), "--no-plots",
+                "--chunk-frames", "4"], capsys)[0] == 0
+    from_files = json.loads((tmp_path / "files" / "report.json").read_text())
+    assert from_files["pooled"] == report["pooled"]
 
 
 # ---- torchrun ------------------------------------------------------------------------------------

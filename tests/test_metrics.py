@@ -129,10 +129,14 @@ def test_temporal_psnr_is_worked_out_by_hand():
     assert temporal_psnr(x0, x1, x0, x1 + np.uint8(10)) == pytest.approx(28.1308, abs=1e-4)
 
 
-def test_quantize_clamps_and_rounds_half_up():
-    values = np.array([-0.1, 0.0, 0.5 / 255, 0.99, 1.2, 0.49 / 255])
-    assert quantize(values).tolist() == [0, 0, 1, 252, 255, 0]  # 0.99 * 255 = 252.45
-    assert quantize(values).dtype == np.uint8
+def test_quantize_clamps_and_rounds_to_the_nearest_level():
+    values = np.array([-0.1, 0.0, 0.25, 0.5, 0.75, 0.99, 1.2, 2.0**-9, 3 * 2.0**-9])
+    # x 255: 63.75, 127.5 (a tie: to even), 191.25, 252.45, 0.498..., 1.494...
+    expected = [0, 0, 64, 128, 191, 252, 255, 0, 1]
+    assert quantize(values).tolist() == expected and quantize(values).dtype == np.uint8
+    assert quantize(values.astype(np.float32)).tolist() == expected
+    with pytest.raises(ValueError, match="floating"):
+        quantize(np.zeros(3, np.uint8))
 
 
 # ---- LPIPS ----------------------------------------------------------------------------------------
