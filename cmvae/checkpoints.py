@@ -8,8 +8,6 @@ import math
 import os
 import pickle
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +15,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .models import CMVAEConfig, CrossModalVAE, preset
+from .files import atomic_path
+from .models import PRESETS, CMVAEConfig, CrossModalVAE, preset
 
 logger = logging.getLogger(__name__)
 
@@ -248,11 +247,32 @@ def load_model(path: str | os.PathLike, config: ConfigLike = None, dtype: torch.
     return model.to(device=device).eval()
 
 
+DEFAULT_MODEL_DIR = Path(__file__).parent / "weights" / "default"
+
+
+def resolve_model(spec: str | os.PathLike = "default", config: ConfigLike = None,
+                  dtype: torch.dtype = torch.float32) -> CrossModalVAE:
+    """A model from `default` (the shipped model), a model folder or weights file, or a preset name
+    (fresh random weights: for benchmarks and tests)."""
+    if str(spec) == "default":
+        if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+            raise CheckpointError("this installation ships no default model; pass --model with a model folder, "
+                                  "a checkpoint or a preset name")
+        return load_model(DEFAULT_MODEL_DIR, dtype=dtype)
+    path = Path(spec)
+    if path.exists():
+        return load_model(path, config=config, dtype=dtype)
+    if str(spec) in PRESETS:
+        logger.warning("model %r is a preset: random weights, the output will not resemble the input", str(spec))
+        return CrossModalVAE.from_preset(str(spec))
+    raise CheckpointError(f"no model at {spec}: not a file, a folder or a preset name ({', '.join(PRESETS)})")
+
+
 def load_pretrained(folder: Path, dtype: torch.dtype = torch.float32) -> CrossModalVAE:
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} is not a model folder: it has no config.json")
     try:
-        return CrossModalVAE.from_pretrained(folder, torch_dtype=dtype)
+        return CrossModalVAE.from_pretrained(folder, torch_dtype=dtype, low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"cannot load the model folder {folder}: {error}") from None
 
@@ -263,14 +283,8 @@ def save_model(model: CrossModalVAE, folder: str | os.PathLike) -> Path:
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"{folder} exists and is not a folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_path(folder, directory=True) as staging:
         model.save_pretrained(staging)
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 

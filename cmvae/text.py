@@ -117,6 +117,16 @@ def _unpacked_minilm() -> Path:
     return target
 
 
+def default_text_encoder(context_dim: int, **kwargs) -> HFTextEncoder:
+    """The encoder a model of this text width was made for: FLAN-T5-large (1024) or MiniLM (384)."""
+    if context_dim == 1024:
+        return flan_t5_large(**kwargs)
+    if context_dim == 384:
+        return minilm(**kwargs)
+    raise TextEncoderUnavailable(f"no default text encoder gives {context_dim}-wide embeddings; pass one "
+                                 "(e.g. --text-encoder NAME_OR_PATH)")
+
+
 def load_text_encoder(name: str, **kwargs) -> HFTextEncoder:
     """By name: `t5` (FLAN-T5-large, as released), `minilm` (offline), or a hub name or local folder."""
     if name in ("t5", T5_NAME):

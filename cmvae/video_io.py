@@ -8,8 +8,6 @@ failed or interrupted write never leaves a partial file.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -17,6 +15,8 @@ from pathlib import Path
 
 import av
 import numpy as np
+
+from .files import atomic_path
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif", ".m4v", ".mpg", ".mpeg", ".ogv", ".flv", ".wmv"}
@@ -50,6 +50,8 @@ def _open(path: Path) -> av.container.InputContainer:
         raise MediaError(f"{path} is a folder, not a video or image file")
     try:
         return av.open(str(path))
+    except av.error.EOFError:
+        raise MediaError(f"{path}: the file ends before any frame (empty or truncated)") from None
     except (av.FFmpegError, UnicodeDecodeError) as error:
         raise MediaError(f"{path}: not a video or image FFmpeg can read ({_reason(error)})") from None
 
@@ -173,17 +175,16 @@ class VideoWriter:
         self._container = None
         self._stream = None
         self._temp: Path | None = None
+        self._atomic = None
 
     def __enter__(self) -> VideoWriter:
         if not self.path.parent.is_dir():
             raise MediaError(f"cannot write {self.path}: folder {self.path.parent} does not exist")
+        self._atomic = atomic_path(self.path)
         try:
-            handle, name = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=self.path.suffix,
-                                            dir=self.path.parent)
+            self._temp = self._atomic.__enter__()
         except OSError as error:
-            raise MediaError(f"cannot write {self.path}: {error.strerror}") from None
-        os.close(handle)
-        self._temp = Path(name)
+            raise MediaError(str(error)) from None
         return self
 
     def write(self, frames: np.ndarray) -> None:
@@ -220,18 +221,20 @@ class VideoWriter:
         self._stream = stream
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        error = exc
         try:
-            if exc_type is None:
+            if error is None:
                 self._finish()
+                if not self.frames_written:
+                    error = MediaError(f"nothing to write to {self.path}: no frames")
+        except Exception as failure:  # noqa: BLE001 - whatever failed, the partial file must go
+            error = failure
         finally:
             if self._container is not None:
                 self._container.close()
-            if exc_type is None and self.frames_written:
-                os.replace(self._temp, self.path)
-            elif self._temp is not None:
-                self._temp.unlink(missing_ok=True)
-        if exc_type is None and not self.frames_written:
-            raise MediaError(f"nothing to write to {self.path}: no frames")
+        self._atomic.__exit__(type(error) if error else None, error, None)  # rename, or remove the temporary
+        if error is not None and error is not exc:
+            raise error
 
     def _finish(self) -> None:
         if self._stream is not None:

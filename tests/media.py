@@ -12,7 +12,7 @@ import numpy as np
 def moving_pattern(frames: int, height: int, width: int, seed: int = 0) -> np.ndarray:
     """A smooth textured pattern moving right and down, (T, H, W, 3) uint8."""
     rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, size=(height // 4 + 8, width // 4 + 8, 3)).astype(np.float32)
+    base = rng.integers(0, 256, size=((height + frames) // 4 + 2, width // 4 + 3, 3)).astype(np.float32)
     big = np.kron(base, np.ones((4, 4, 1), dtype=np.float32))
     out = [big[t: t + height, 2 * t % 8: 2 * t % 8 + width] for t in range(frames)]
     return np.stack(out).clip(0, 255).astype(np.uint8)

@@ -102,6 +102,11 @@ class CrossModalVAE(ModelMixin, ConfigMixin):
         self.post_quant_conv = nn.Conv3d(zc, zc, 1) if use_quant_conv else None
         self._text_encoder: list[CaptionEncoder] = []  # a list keeps it out of state_dict and .to()
 
+    def to(self, *args, **kwargs) -> CrossModalVAE:
+        # ModelMixin.to warns on every dtype cast (about fp32-kept modules, of which this model has
+        # none: its normalisations compute in float32 whatever the weights' dtype).
+        return nn.Module.to(self, *args, **kwargs)
+
     @classmethod
     def from_cmvae_config(cls, cfg: CMVAEConfig) -> CrossModalVAE:
         return cls(**cfg.to_dict())
