@@ -243,6 +243,27 @@ def test_longer_reconstructions_are_scored_on_the_ground_truth_frames(folders, t
     assert "1 more frames" in report["videos"][0]["notes"][0]
 
 
+def test_images_are_scored_as_one_frame_videos(tmp_path, capsys):
+    from skimage import data
+    from skimage.metrics import peak_signal_noise_ratio
+
+    from cmvae.video_io import write_video
+
+    truth, recon = tmp_path / "truth", tmp_path / "recon"
+    truth.mkdir()
+    recon.mkdir()
+    photo = np.ascontiguousarray(data.astronaut()[::4, ::4])
+    write_video(truth / "astronaut.png", photo)
+    write_video(recon / "astronaut_reconstructed.jpg", photo)  # JPEG: lossy
+    code, _, stderr = run(["eval", str(truth), str(recon), "-o", str(tmp_path / "r"), "--no-plots"], capsys)
+    assert code == 0, stderr
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    original, jpeg = decode_rgb(truth / "astronaut.png")[0], decode_rgb(recon / "astronaut_reconstructed.jpg")[0]
+    assert np.array_equal(original, photo)
+    assert report["pooled"]["frames"] == 1 and report["pooled"]["temporal_psnr"] is None
+    assert report["pooled"]["psnr"] == pytest.approx(peak_signal_noise_ratio(original, jpeg, data_range=255), abs=1e-9)
+
+
 def test_worst_frames_are_the_lowest_psnr():
     rng = np.random.default_rng(0)
     truth = rng.integers(20, 230, size=(6, 16, 16, 3)).astype(np.uint8)
