@@ -177,26 +177,19 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 def load_autoencoder(spec: str, device: torch.device, dtype: torch.dtype = torch.float32, chunk_frames: int = 16,
                      text_encoder=None) -> Autoencoder:
-    """An autoencoder from a preset name (ours, random weights), a weights file (ours) or a model folder."""
-    from .checkpoints import STATE_DICT_SUFFIXES, load_model
-    from .models import PRESETS, CrossModalVAE
+    """An autoencoder from a model folder (ours or diffusers'), a weights file (ours), `default` or a
+    preset name (ours, random weights)."""
+    from .checkpoints import resolve_model
+    from .models import PRESETS
 
     name, source = parse_spec(spec)
     path = Path(source)
-    notes = []
-    if source in PRESETS and not path.exists():
-        model = CrossModalVAE.from_preset(source).to(device=device, dtype=dtype).eval()
-        notes.append(f"preset {source!r} at RANDOM weights")
-    elif path.is_dir():
+    if path.is_dir():
         kind = _folder_class(path)
         if kind != "CrossModalVAE":
             return _load_diffusers(path, kind, name, device, dtype)
-        model = load_model(path, dtype=dtype, device=device)
-    elif path.is_file() and path.suffix in STATE_DICT_SUFFIXES:
-        model = load_model(path, dtype=dtype, device=device)
-    else:
-        raise ValueError(f"--model {spec}: not a preset, a weights file ({', '.join(STATE_DICT_SUFFIXES)}) or a model "
-                         "folder" + ("" if path.exists() else " (no such file)"))
+    model = resolve_model(source, dtype=dtype).to(device=device, dtype=dtype).eval()
+    notes = [f"preset {source!r} at RANDOM weights"] if source in PRESETS and not path.exists() else []
     if model.cfg.has_text:
         model.set_text_encoder(text_encoder or _default_text_encoder(spec, model.cfg.context_dim))
     autoencoder = wrap_ours(model, name, source, chunk_frames)

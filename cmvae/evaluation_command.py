@@ -45,14 +45,13 @@ def _pipeline_settings(args: argparse.Namespace, device: torch.device):
 
 
 def load_our_model(spec: str, config: str | None, device: torch.device, dtype: torch.dtype):
-    """Our model from a preset name (random weights), a weights file or a model folder; and a note."""
-    from .checkpoints import load_model
-    from .models import PRESETS, CrossModalVAE
+    """Our model from `default`, a model folder, a weights file or a preset name (random weights); and a note."""
+    from .checkpoints import resolve_model
+    from .models import PRESETS
 
-    if spec in PRESETS and not os.path.exists(spec):
-        model = CrossModalVAE.from_preset(spec).to(device=device, dtype=dtype).eval()
-        return model, f"preset {spec!r} at RANDOM weights"
-    return load_model(spec, config=config, dtype=dtype, device=device), None
+    model = resolve_model(spec, config=config, dtype=dtype).to(device=device).eval()
+    random = spec in PRESETS and not os.path.exists(spec)
+    return model, f"preset {spec!r} at RANDOM weights" if random else None
 
 
 def run_eval(args: argparse.Namespace) -> None:
@@ -148,7 +147,8 @@ def register(subparsers) -> None:
                                                "(path, caption) or .txt list")
     evaluate.add_argument("reconstructions", nargs="?",
                           help="folder of reconstructions, matched by name (<name>.* or <name>_reconstructed.*)")
-    evaluate.add_argument("--model", help="reconstruct in memory with our model: preset, weights file or model folder")
+    evaluate.add_argument("--model", help="reconstruct in memory with our model: a model folder, a weights file, "
+                                          "`default` (the shipped model) or a preset name (random weights)")
     evaluate.add_argument("--config", help="with a weights file: preset name or JSON config (default: read off it)")
     evaluate.add_argument("--chunk-frames", type=int,
                           help="two folders: the chunk length the reconstructions were made with (for the boundary "
@@ -168,8 +168,9 @@ def register(subparsers) -> None:
                     "encode/decode time and peak memory.")
     comparison.add_argument("clips", help="a folder, video, .csv (path, caption) or .txt list of clips")
     comparison.add_argument("--model", action="append", required=True, metavar="[NAME=]SOURCE",
-                            help="repeatable: our preset, weights file or model folder, or a diffusers autoencoder "
-                                 "folder (AutoencoderKLWan, ...CogVideoX, ...HunyuanVideo, ...LTXVideo, AutoencoderKL)")
+                            help="repeatable: our model folder, weights file, `default` or preset, or a diffusers "
+                                 "autoencoder folder (AutoencoderKLWan, ...CogVideoX, ...HunyuanVideo, ...LTXVideo, "
+                                 "AutoencoderKL)")
     comparison.add_argument("--chunk-frames", type=int, default=16, help="our models' chunk length (default 16)")
     comparison.add_argument("--warmup", type=int, default=1, help="untimed runs per model before timing (default 1)")
     _common(comparison)

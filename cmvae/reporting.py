@@ -5,22 +5,16 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
 from pathlib import Path
+
+from .files import atomic_path
 
 
 def atomic_write(path: Path, data: bytes | str) -> Path:
     """Write `data` under a temporary name beside `path`, then rename: never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temp:
+        temp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
     return path
 
 

@@ -160,7 +160,7 @@ def test_memory_meter_sees_an_allocation_and_resets():
 def test_bad_models_fail_with_one_line(setup, tmp_path, capsys):
     clips = str(setup / "clips")
     assert main(["compare", clips, "--model", str(tmp_path / "nothing"), "-o", str(tmp_path / "r")]) == 1
-    assert "no such file" in capsys.readouterr().err
+    assert "no model at" in capsys.readouterr().err
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_text('{"_class_name": "UNet2DModel"}')
     assert main(["compare", clips, "--model", str(tmp_path / "unet"), "-o", str(tmp_path / "r")]) == 1

@@ -145,6 +145,9 @@ def test_eval_of_two_folders_matches_an_independent_computation(folders, tmp_pat
     for png in [out / "plots" / "psnr_bikes.png", out / "plots" / "psnr_carphone.png", out / "worst_frames.png"]:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in out.rglob(".*")], "temporary files left behind"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "report.json").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     assert "pooled: PSNR" in stdout
 
 
