@@ -191,18 +191,12 @@ def load_autoencoder(spec: str, device: torch.device, dtype: torch.dtype = torch
     model = resolve_model(source, dtype=dtype).to(device=device, dtype=dtype).eval()
     notes = [f"preset {source!r} at RANDOM weights"] if source in PRESETS and not path.exists() else []
     if model.cfg.has_text:
-        model.set_text_encoder(text_encoder or _default_text_encoder(spec, model.cfg.context_dim))
+        from .text import default_text_encoder
+
+        model.set_text_encoder(text_encoder or default_text_encoder(model.cfg.context_dim))
     autoencoder = wrap_ours(model, name, source, chunk_frames)
     autoencoder.notes = notes + autoencoder.notes
     return autoencoder
-
-
-def _default_text_encoder(spec: str, context_dim: int):
-    try:
-        from .text import default_text_encoder
-    except ImportError:
-        raise ValueError(f"--model {spec} is text-conditioned: give --text-encoder (t5, minilm or a folder)") from None
-    return default_text_encoder(context_dim)
 
 
 def _folder_class(folder: Path) -> str:

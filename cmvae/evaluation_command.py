@@ -127,7 +127,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="score in-memory reconstructions as floats (default: rounded to 8 bits like a saved file)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
-    parser.add_argument("--text-encoder", help="for text models: t5 (the released models'), minilm, or a folder")
+    parser.add_argument("--text-encoder", help="for text models: t5 (the released models'), minilm, a hub name or a "
+                                               "folder (default: the one of the model's width)")
     lpips = parser.add_argument_group("LPIPS")
     lpips.add_argument("--lpips-weights", help="torchvision's AlexNet weights file (alexnet-owt-7be5be79.pth) or its "
                                                "folder; default: torch hub's cache")
