@@ -12,7 +12,7 @@ import torch
 from diffusers import (AutoencoderKL, AutoencoderKLCogVideoX, AutoencoderKLHunyuanVideo, AutoencoderKLLTXVideo,
                        AutoencoderKLWan)
 
-from cmvae.compare import Autoencoder, FrameRule, MemoryMeter, Usage, reconstruct, wrap_diffusers
+from cmvae.compare import Autoencoder, FrameRule, MemoryMeter, Usage, reconstruct, wrap_diffusers, wrap_ours
 from cmvae.evaluation_command import main
 from cmvae.models import CMVAEConfig, CrossModalVAE
 
@@ -131,6 +131,28 @@ def test_each_class_returns_the_frames_it_was_given(make, padded):
     output = reconstruct(autoencoder, frames, None, CPU, torch.float32, usage)
     assert output.shape == (6, 32, 40, 3) and output.dtype == np.float32
     assert usage.padded_frames == padded and usage.frames == 6
+
+
+def test_captions_reach_a_text_model_in_every_chunk():
+    seen = []
+
+    class Encoder:  # records what the model asks to embed
+        dim = 16
+
+        def __call__(self, captions):
+            seen.append(list(captions))
+            return torch.ones(len(captions), 3, 16), torch.ones(len(captions), 3)
+
+    cfg = CMVAEConfig(base_channels=8, channel_multipliers=(1, 2, 2, 2), temporal_channels=8, norm_num_groups=4,
+                      num_res_blocks=1, latent_channels=4, context_dim=16, cross_attention_heads=2,
+                      cross_attention_head_dim=8)
+    model = CrossModalVAE.from_cmvae_config(cfg).eval()
+    model.set_text_encoder(Encoder())
+    autoencoder = wrap_ours(model, "text", "memory", chunk_frames=4)
+    assert autoencoder.uses_captions
+    output = reconstruct(autoencoder, moving_pattern(8, 16, 16), "a red car", CPU, torch.float32)
+    assert output.shape == (8, 16, 16, 3)
+    assert seen == [["a red car"]] * 4  # two chunks, encoded and decoded
 
 
 def test_a_wrong_frame_rule_is_caught():
