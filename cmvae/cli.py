@@ -294,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="dtype of the saved weights")
     convert.set_defaults(run=_convert)
 
+    from .evaluation_command import register as register_evaluation
+
+    register_evaluation(commands)
+
     demo = commands.add_parser("demo", help="encode and decode a sample photograph and clip with a preset")
     demo.add_argument("--preset", default="tiny", help="model preset (random weights)")
     demo.add_argument("--size", type=int, default=128, help="side of the square frames (multiple of 8)")
