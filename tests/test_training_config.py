@@ -54,7 +54,6 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     ("data.frames=10", "multiple of 4"),
     ("data.size=[30,30]", "multiples of 8"),
     ("optim.lr", "key=value"),
-    ("data.image_every=1", "every batch an image batch"),
     ("model.init=inflate", "needs model.weights"),
     ("optim.ema_decay=1.5", "between 0 and 1"),
 ])

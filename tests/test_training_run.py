@@ -16,7 +16,7 @@ from cmvae.training import config_from_dict, export_run
 from cmvae.training.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
 from cmvae.training.command import main, register
 from cmvae.training.config import ConfigError
-from cmvae.training.data import IMAGE, VIDEO, MediaItem, make_loader, validation_clips
+from cmvae.training.data import MediaItem, make_loader, validation_clips
 from cmvae.training.trainer import Trainer
 from media import encode_file, moving_pattern
 
@@ -273,3 +273,74 @@ def test_command_trains_with_overrides_and_reports_errors_in_one_line(clips, tmp
     assert err == "cmvae train: error: optim.lr: expected float, got 'fast'"
     assert main(["train", str(config), f"run.output={run_dir}", "run.resume=never"]) == 1
     assert "already holds checkpoints" in capsys.readouterr().err
+
+
+# ---- schedules, time limits, image-only runs -----------------------------------------------------
+
+
+def test_ema_follows_the_weights_closely_at_first():
+    """The EMA's decay warms up as min(decay, (1 + step) / (10 + step)): after the first step the average
+    is 90% the new weights, not 0.1% as a plain decay of 0.999 would make it."""
+    from cmvae.training.ema import EMA
+
+    weight = torch.nn.Parameter(torch.zeros(3))
+    ema = EMA({"w": weight}, decay=0.999)
+    with torch.no_grad():
+        weight.fill_(1.0)
+    ema.update(0)
+    assert torch.allclose(ema.shadow["w"], torch.full((3,), 0.9))
+    ema.update(10_000)  # late in a run the configured decay holds
+    assert torch.allclose(ema.shadow["w"], torch.full((3,), 0.9 + 0.1 * 0.001))
+
+
+def test_cosine_schedule_decays_from_lr_to_min_lr(clips, tmp_path):
+    trainer = trainer_for(small_run(clips, tmp_path / "run", run={"steps": 5},
+                                    optim={"lr": 1e-3, "min_lr": 1e-5, "schedule": "cosine"}))
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    rates = [h["train/lr"] for h in trainer.history]
+    assert rates[0] == pytest.approx(1e-3) and rates[-1] == pytest.approx(1e-5)
+    assert rates[2] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)  # half-way through the cosine
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+
+
+def test_a_run_stops_at_its_time_limit_and_its_schedule_follows_the_time(clips, tmp_path):
+    values = small_run(clips, tmp_path / "run", run={"steps": 10_000, "max_seconds": 1e-9, "export_model": True},
+                       optim={"schedule": "cosine", "lr": 1e-3, "min_lr": 0.0})
+    trainer = trainer_for(values)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    assert trainer.step == 1  # the first step spends the whole (tiny) budget
+    assert trainer.history[0]["train/lr"] == pytest.approx(1e-3)  # progress 0 before any time was spent
+    assert trainer.trained_seconds > 0
+    assert read_checkpoint(latest_checkpoint(tmp_path / "run"))["trained_seconds"] == trainer.trained_seconds
+    assert (tmp_path / "run" / "model" / "config.json").is_file()
+
+
+def test_image_only_runs_train_the_spatial_stage_alone(clips, tmp_path):
+    trainer = trainer_for(small_run(clips, tmp_path / "run", run={"steps": 2}, data={"image_every": 1}))
+    try:
+        before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+        trainer.run()
+        changed = {name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])}
+    finally:
+        trainer.close()
+    assert all(h["count/image"] == 2 and "count/video" not in h for h in trainer.history)
+    assert any(name.startswith("encoder.") for name in changed)
+    assert not any("_tmp." in name or "_temporal." in name for name in changed)
+
+
+def test_validation_clips_take_their_own_size_and_stride(clips, tmp_path):
+    values = small_run(clips, tmp_path / "run", validation={"videos": [str(clips)], "clips": 1, "size": [40, 48],
+                                                            "stride": 1})
+    trainer = trainer_for(values)
+    try:
+        scores = trainer.validate()
+        (clip, _), = trainer._validation_clips
+    finally:
+        trainer.close()
+    assert clip.shape == (3, 4, 40, 48) and "val/psnr" in scores

@@ -23,6 +23,7 @@ class ConfigError(ValueError):
 class RunConfig:
     output: str = "runs/cmvae"  # run folder: config.yaml, checkpoints/, tensorboard/, samples/, model/
     steps: int = 1000  # optimizer steps
+    max_seconds: float | None = None  # also stop after this much training time; the schedule follows it
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:N (torchrun picks cuda:LOCAL_RANK)
     precision: str = "auto"  # auto, float32, bfloat16 (autocast); auto = bfloat16 where it is fast
@@ -65,7 +66,7 @@ class DataConfig:
     size: int | list = field(default_factory=lambda: [216, 216])  # training height and width, or one side
     batch_size: int = 1  # per process
     image_batch_size: int | None = None  # per process; default: batch_size
-    image_every: int = 5  # every image_every-th batch is an image batch; 0: videos only
+    image_every: int = 5  # every image_every-th batch is an image batch; 0: videos only; 1: images only
     workers: int = 2  # DataLoader processes decoding with PyAV
     prefetch: int = 2  # batches each worker prepares ahead
 
@@ -75,6 +76,8 @@ class ValidationConfig:
     videos: list = field(default_factory=list)  # sources as in data.videos; empty: no validation
     clips: int = 4  # the first `clips` videos, one centred clip each
     every: int = 500
+    size: int | list | None = None  # height and width of the centred clips; default: data.size
+    stride: int | None = None  # frame step of the clips; default: data.stride
     samples: int = 2  # reconstructed clips written as videos and to TensorBoard
 
 
@@ -101,6 +104,8 @@ class OptimConfig:
     momentum: float = 0.0  # SGD only
     weight_decay: float = 0.0
     warmup_steps: int = 0  # linear warm-up of the learning rate
+    schedule: str = "constant"  # constant, or cosine: from lr down to min_lr at run.steps
+    min_lr: float = 0.0
     grad_accum: int = 1  # micro-batches per optimizer step
     grad_clip: float | None = None  # max gradient norm of the autoencoder; null: no clipping
     disc_lr: float | None = None  # default: lr
@@ -134,9 +139,14 @@ class TrainConfig:
     def size(self) -> tuple[int, int]:
         return _pair(self.data.size)
 
+    @property
+    def validation_size(self) -> tuple[int, int]:
+        return _pair(self.validation.size) if self.validation.size is not None else self.size
+
 
 CHOICES = {
     "run.precision": ("auto", "float32", "bfloat16"),
+    "optim.schedule": ("constant", "cosine"),
     "optim.optimizer": ("adam", "sgd"),
     "model.init": ("scratch", "inflate", "pretrained"),
     "distributed.strategy": ("auto", "none", "ddp", "fsdp"),
@@ -282,8 +292,6 @@ def validate(config: TrainConfig) -> None:
     for key, value in nonnegative.items():
         if value < 0:
             raise ConfigError(f"{key} must not be negative, got {value}")
-    if data.image_every == 1:
-        raise ConfigError("data.image_every=1 would make every batch an image batch; use 2 or more, or 0 for none")
     if not data.videos:
         raise ConfigError("data.videos is empty: list at least one CSV/JSONL/.txt list or folder of videos")
     if data.frames % 4:
@@ -295,6 +303,14 @@ def validate(config: TrainConfig) -> None:
     if height < 32 or width < 32 or height % 8 or width % 8:
         raise ConfigError(f"data.size must be multiples of 8 of at least 32 (the discriminator needs that), "
                           f"got {height}x{width}")
+    if config.validation.size is not None:
+        try:
+            height, width = config.validation_size
+        except (TypeError, ValueError):
+            raise ConfigError(f"validation.size must be a number or [height, width], got {config.validation.size!r}") \
+                from None
+        if height % 8 or width % 8:
+            raise ConfigError(f"validation.size must be multiples of 8, got {height}x{width}")
     if len(optim.betas) != 2:
         raise ConfigError(f"optim.betas must be two numbers, got {optim.betas!r}")
     if optim.eps <= 0:

@@ -128,10 +128,13 @@ def clip_indices(total: int, frames: int, stride: int, rng: np.random.Generator 
     raise SkipSample(f"too short: {total} frames, a clip needs {frames}")
 
 
+media_info = functools.lru_cache(maxsize=4096)(probe)  # per worker: size and frame count of each file
+
+
 @functools.lru_cache(maxsize=4096)
 def frame_count(path: str) -> int:
     """Frames of a video: from its header, else by counting packets (no decoding)."""
-    info = probe(path)
+    info = media_info(path)
     if info.frame_count:
         return info.frame_count
     try:
@@ -151,7 +154,7 @@ class VideoEndedEarly(SkipSample):
 def decode_frames(path: str, indices: list[int], size: tuple[int, int]) -> np.ndarray:
     """Frames `indices` (ascending) of a video or image, scaled so that they cover `size` (H, W):
     (n, h, w, 3) uint8 with h >= H, w >= W. Raises `VideoEndedEarly` when the video ends before them."""
-    info = probe(path)  # clear MediaErrors for missing files, other kinds of file, no video stream
+    info = media_info(path)  # clear MediaErrors for missing files, other kinds of file, no video stream
     scale = max(size[0] / info.height, size[1] / info.width)
     height, width = math.ceil(info.height * scale - 1e-6), math.ceil(info.width * scale - 1e-6)
     wanted = set(indices)

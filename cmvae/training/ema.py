@@ -14,7 +14,9 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class EMA:
-    """`shadow = decay * shadow + (1 - decay) * weight` after every optimizer step, kept in float32.
+    """`shadow = d * shadow + (1 - d) * weight` after every optimizer step, kept in float32, with
+    `d = min(decay, (1 + step) / (10 + step))`: early on the average follows the weights closely, so
+    that a short run's average does not keep a large share of the random initial weights.
 
     Works on sharded (FSDP) parameters as they are: each rank averages its own shard.
     """
@@ -25,9 +27,11 @@ class EMA:
         self.shadow = {name: p.detach().float().clone() for name, p in named_parameters.items()}
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, step: int) -> None:
+        """Average in the weights after optimizer step `step` (0 for the first)."""
+        decay = min(self.decay, (1 + step) / (10 + step))
         for name, parameter in self.parameters.items():
-            self.shadow[name].lerp_(parameter.detach().float(), 1.0 - self.decay)
+            self.shadow[name].lerp_(parameter.detach().float(), 1.0 - decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Whole tensors on the CPU (a collective under FSDP: every rank must call it)."""

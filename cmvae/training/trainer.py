@@ -63,6 +63,7 @@ class Trainer:
         self._build_data()
         self.generator = torch.Generator(self.device).manual_seed(config.run.seed * 1009 + self.context.rank)
         self.step = 0
+        self.trained_seconds = 0.0  # time spent in training steps, over all launches of the run
         self.data_position = 0  # micro-batches consumed
         self.history: list[dict[str, float]] = []
         self.skipped_samples = 0
@@ -161,7 +162,7 @@ class Trainer:
                                  if validation.videos and validation.clips else [])
         self._validation_clips = None
         self._log_main(f"data: {len(videos)} videos, {len(images)} images"
-                       + (f", one batch in {data.image_every} of images" if data.image_every else ""))
+                       + ({0: "", 1: ", images only"}.get(data.image_every, f", one batch in {data.image_every} of images")))
 
     # ---- the loop -----------------------------------------------------------------------------
 
@@ -178,8 +179,9 @@ class Trainer:
         state = None
         try:
             window = _Window()
-            while self.step < last:
+            while self.step < last and not self._out_of_time():
                 metrics = self.train_step(batches)
+                self.trained_seconds += metrics["time/step"]
                 window.add(metrics)
                 monitor.advance({"loss": metrics["loss/total"]})
                 if self.step % run.log_every == 0 or self.step == last:
@@ -187,9 +189,9 @@ class Trainer:
                     window = _Window()
                 if self._due(self.config.validation.every, last):
                     self.validate(monitor)
-                if self.step % run.checkpoint_every == 0 or self.step == last:
+                if self.step % run.checkpoint_every == 0 or self.step == last or self._out_of_time():
                     state = self.save_checkpoint()
-            if self.step >= run.steps and run.export_model:
+            if (self.step >= run.steps or self._out_of_time()) and run.export_model:
                 state = state or self.save_checkpoint()
                 if self.context.is_main:
                     save_model(model_from_checkpoint(state, use_ema=True), self.run_dir / "model")
@@ -198,8 +200,23 @@ class Trainer:
             monitor.close()
         return self.run_dir
 
+    def _progress(self) -> float:
+        """How far the run is, 0 to 1: by steps, or by training time when `run.max_seconds` runs out first."""
+        run = self.config.run
+        progress = self.step / max(1, run.steps - 1)
+        if run.max_seconds:
+            progress = max(progress, self.trained_seconds / run.max_seconds)
+        return min(1.0, progress)
+
+    def _out_of_time(self) -> bool:
+        """Whether `run.max_seconds` of training time are spent (rank 0 decides for all)."""
+        if not self.config.run.max_seconds:
+            return False
+        spent = self.trained_seconds >= self.config.run.max_seconds
+        return self.context.mean(float(spent) if self.context.is_main else 0.0) > 0
+
     def _due(self, every: int, last: int) -> bool:
-        return bool(self.validation_items) and (self.step % every == 0 or self.step == last)
+        return bool(self.validation_items) and (self.step % every == 0 or self.step == last or self._out_of_time())
 
     def train_step(self, batches) -> dict[str, float]:
         """One optimizer step of the autoencoder over `grad_accum` micro-batches, then one of the discriminators."""
@@ -226,7 +243,7 @@ class Trainer:
         self.optimizer.step()
         sums["loss/disc"] = self._discriminator_step(pending) if gan_on else 0.0
         if self.ema is not None:
-            self.ema.update()
+            self.ema.update(self.step)
         self.step += 1
         metrics = dict(sums, **{"train/grad_norm": float(grad_norm), "train/lr": self.optimizer.param_groups[0]["lr"],
                                 "time/step": time.perf_counter() - started})
@@ -235,9 +252,13 @@ class Trainer:
 
     def _set_learning_rate(self) -> None:
         optim = self.config.optim
+        lr = optim.lr
+        if optim.schedule == "cosine":
+            progress = self._progress()
+            lr = optim.min_lr + (optim.lr - optim.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
         scale = min(1.0, (self.step + 1) / optim.warmup_steps) if optim.warmup_steps else 1.0
         for group in self.optimizer.param_groups:
-            group["lr"] = optim.lr * scale
+            group["lr"] = lr * scale
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
@@ -264,7 +285,7 @@ class Trainer:
                 discriminator.requires_grad_(True)
                 weight = self._gan_weight(terms["nll"], g_loss)
                 total = total + weight * g_loss
-                terms.update(g=g_loss, gan_weight=weight)
+                terms.update(g=g_loss, gan_weight=weight, total=total)
         terms = {name: value.detach() for name, value in terms.items()}
         return terms, total, out.sample.detach(), x
 
@@ -324,7 +345,9 @@ class Trainer:
             return {}
         if self._validation_clips is None:
             data = self.config.data
-            self._validation_clips = validation_clips(self.validation_items, data.frames, data.stride, self.config.size)
+            stride = self.config.validation.stride or data.stride
+            self._validation_clips = validation_clips(self.validation_items, data.frames, stride,
+                                                      self.config.validation_size)
         pairs, psnrs, ssims = [], [], []
         with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
             self.model.eval()
@@ -359,7 +382,8 @@ class Trainer:
         rng = self.context.gather_objects(self._rng_state())
         if not self.context.is_main:
             return None
-        state = {"step": self.step, "data_position": self.data_position, "model": model_state,
+        state = {"step": self.step, "data_position": self.data_position, "trained_seconds": self.trained_seconds,
+                 "model": model_state,
                  "optimizer": optimizer_state, "discriminators": self.discriminators.state_dict(),
                  "disc_optimizer": self.disc_optimizer.state_dict(), "ema": ema_state, "rng": rng,
                  "world": self.context.world, "model_config": _plain(self.model.cfg.to_dict()),
@@ -379,6 +403,7 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.step, self.data_position = int(state["step"]), int(state["data_position"])
         self.skipped_samples = int(state.get("skipped_samples", 0))
+        self.trained_seconds = float(state.get("trained_seconds", 0.0))
         if state.get("world") == self.context.world:
             self._set_rng_state(state["rng"][self.context.rank])
         else:
