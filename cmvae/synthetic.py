@@ -91,13 +91,18 @@ def motion_clip(photos: list[torch.Tensor], settings: MotionSettings = MotionSet
     return frames.clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
 
 
-def sample_photographs(size: int = 256) -> list[torch.Tensor]:
-    """The colour photographs that ship with scikit-image, (3, size, size) in [-1, 1]."""
+PHOTOGRAPHS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "motorcycle_left", "retina",
+               "cat", "colorwheel", "logo", "camera", "coins", "moon", "page", "text", "grass", "gravel", "brick",
+               "horse", "clock", "chelsea", "coffee")
+HELD_OUT_PHOTOS = ("chelsea", "coffee")  # kept out of training: the evaluation's generated clips use them
+
+
+def sample_photographs(size: int = 256, names: tuple[str, ...] | None = None) -> list[torch.Tensor]:
+    """Photographs that ship with scikit-image, (3, size, size) in [-1, 1]; by default those used for
+    training (all but `HELD_OUT_PHOTOS`). Images that scikit-image would have to download are skipped."""
     from .samples import photograph
 
-    names = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "motorcycle_left",
-             "retina", "cat", "colorwheel", "logo", "camera", "coins", "moon", "page", "text", "grass", "gravel",
-             "brick", "horse", "clock"]
+    names = names if names is not None else tuple(n for n in PHOTOGRAPHS if n not in HELD_OUT_PHOTOS)
     return [photograph(name, size) for name in names if _available(name)]
 
 
