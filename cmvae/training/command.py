@@ -1,7 +1,7 @@
 """`cmvae train CONFIG [key=value ...]` and `cmvae export RUN -o FOLDER`.
 
-`register(subparsers)` adds both to the `cmvae` command line; `python -m cmvae.training.command` runs
-them on their own (also under `torchrun ... -m cmvae.training.command train ...`).
+`register(subparsers)` adds both to the `cmvae` command line; `python -m cmvae.training.command train ...`
+is the same as `cmvae train ...` (also under `torchrun`).
 """
 
 from __future__ import annotations
@@ -51,22 +51,10 @@ def register(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cmvae.training.command")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what the trainer does")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    from ..text import TextEncoderUnavailable
+    """`cmvae` itself: `python -m cmvae.training.command train ...` is `cmvae train ...`."""
+    from ..cli import main as cli_main
 
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    try:
-        args.run(args)
-    except (ValueError, OSError, TextEncoderUnavailable) as error:
-        print(f"cmvae {args.command}: error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"cmvae {args.command}: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
