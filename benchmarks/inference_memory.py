@@ -5,7 +5,7 @@ file, then `VideoPipeline.reconstruct` streams it from file to file (decode, enc
 H.264 encode). The model is the released `16z` architecture with random weights unless --model
 says otherwise. Results go to a JSON file and a Markdown table.
 
-    python benchmarks/inference_memory.py --out docs/benchmarks-inference.json
+    python benchmarks/inference_memory.py --out docs/benchmarks/inference.json
 """
 
 from __future__ import annotations
@@ -83,18 +83,18 @@ def main() -> None:
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--model", default="16z", help="preset (random weights) or model folder")
     parser.add_argument("--tile", type=int, default=256)
-    parser.add_argument("--tile-overlap", type=int, default=32)
-    parser.add_argument("--per-tile-norm", action="store_true")
-    parser.add_argument("--out", default="docs/benchmarks-inference.json")
+    parser.add_argument("--tile-overlap", type=int, default=64)
+    parser.add_argument("--shared-norm", action="store_true")
+    parser.add_argument("--out", default="docs/benchmarks/inference.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case in this process
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_case(args.one, args.model, args.tile, args.tile_overlap, not args.per_tile_norm)))
+        print(json.dumps(run_case(args.one, args.model, args.tile, args.tile_overlap, args.shared_norm)))
         return
     results = []
     for name in args.cases:
         command = [sys.executable, __file__, "--one", name, "--model", args.model, "--tile", str(args.tile),
-                   "--tile-overlap", str(args.tile_overlap)] + (["--per-tile-norm"] if args.per_tile_norm else [])
+                   "--tile-overlap", str(args.tile_overlap)] + (["--shared-norm"] if args.shared_norm else [])
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             print(f"{name}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
@@ -102,8 +102,10 @@ def main() -> None:
         result = json.loads(done.stdout.strip().splitlines()[-1])
         results.append(result)
         print(json.dumps(result), flush=True)
-    report = {"machine": machine(), "command": " ".join(sys.argv), "results": results}
-    Path(args.out).write_text(json.dumps(report, indent=1))
+        # after every case, so that a long series stopped part-way keeps what it measured
+        report = {"machine": machine(), "command": " ".join(sys.argv), "results": results}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("chunks and tiles")
     group.add_argument("--chunk-frames", type=int, default=d.chunk_frames, help="frames per temporal chunk (x4)")
     group.add_argument("--chunk-overlap", type=int, default=d.chunk_overlap,
-                       help="frames shared by consecutive chunks, cross-faded (x4)")
+                       help="frames shared by consecutive chunks, cross-faded (x4; default 4, or 0 for chunks "
+                            "shorter than 8 frames)")
     group.add_argument("--tile", type=int, default=d.tile, help="spatial tile side in pixels, 0 = never tile")
     group.add_argument("--tile-overlap", type=int, default=d.tile_overlap, help="tile overlap in pixels")
     group.add_argument("--shared-norm", action="store_true",
@@ -175,7 +176,8 @@ def _decode(args: argparse.Namespace) -> None:
     encoded = load_latent(args.input)
     if args.chunk_frames == 16 and "chunk_frames" in encoded.extra:  # decode with the encoder's chunking
         args.chunk_frames = int(encoded.extra["chunk_frames"])
-        args.chunk_overlap = int(encoded.extra.get("chunk_overlap", args.chunk_overlap))
+        overlap = encoded.extra.get("chunk_overlap")
+        args.chunk_overlap = int(overlap) if overlap is not None else args.chunk_overlap
     pipe = _pipeline(args)
     target = Path(args.output)
     pipe.decode(encoded, target, encode_settings=_encode_settings(args))

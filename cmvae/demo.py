@@ -43,6 +43,7 @@ def _pooled_psnr(reference: np.ndarray, reconstruction: np.ndarray) -> float:
 def run_demo(model: str = "default", output_dir: str | Path = "outputs", device: str = "auto", out=print) -> dict:
     source = sample_clip()
     output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     reconstruction = output_dir / f"{source.stem}_reconstructed.mp4"
     side_by_side = output_dir / f"{source.stem}_side_by_side.mp4"
     vae = resolve_model(model)

@@ -36,10 +36,12 @@ class PipelineSettings:
     """How a video runs through the model. Tile sizes are in pixels of the (resized) input."""
 
     chunk_frames: int = 16
-    chunk_overlap: int = 0
+    # frames shared by consecutive chunks, cross-faded; None: 4 for chunks of 8 frames or more, which
+    # removes most of the flicker at chunk boundaries (docs/benchmarks.md), else 0
+    chunk_overlap: int | None = None
     tile: int = 256  # 0: never tile
     tile_overlap: int = 64
-    shared_norm: bool = True  # tiles share GroupNorm statistics gathered over the whole frame
+    shared_norm: bool = False  # tiles share GroupNorm statistics from a first pass (docs/benchmarks.md)
     device: str = "auto"
     dtype: str = "float32"
     resize: int | tuple[int, int] | None = None  # shorter side, or (width, height)
@@ -50,7 +52,10 @@ class PipelineSettings:
 
     @property
     def chunking(self) -> ChunkSettings:
-        return ChunkSettings(self.chunk_frames, self.chunk_overlap)
+        overlap = self.chunk_overlap
+        if overlap is None:
+            overlap = 4 if self.chunk_frames >= 8 else 0
+        return ChunkSettings(self.chunk_frames, overlap)
 
     @property
     def tiling(self) -> TileSettings:
@@ -317,7 +322,7 @@ class VideoPipeline:
     def chunk_boundaries(self, num_frames: int) -> list[int]:
         """Frame indices where a temporal chunk starts (after the first), for boundary metrics."""
         padded = num_frames + (-num_frames % self.temporal_factor)
-        return [s for s in window_starts(padded, self.settings.chunk_frames, self.settings.chunk_overlap)[1:]
+        return [s for s in window_starts(padded, self.settings.chunk_frames, self.settings.chunking.overlap)[1:]
                 if s < num_frames]
 
     def _in_chunks(self, frames: np.ndarray) -> Iterator[np.ndarray]:
@@ -405,7 +410,7 @@ class VideoPipeline:
                             frames=counter.count,
                             is_image=info.is_image, caption=caption or "", model_fingerprint=self.fingerprint,
                             extra={"chunk_frames": self.settings.chunk_frames,
-                                   "chunk_overlap": self.settings.chunk_overlap, "notes": "; ".join(info.notes)})
+                                   "chunk_overlap": self.settings.chunking.overlap, "notes": "; ".join(info.notes)})
 
     def decode(self, encoded: EncodedVideo, target: str | Path, encode_settings: EncodeSettings | None = None,
                check_model: bool = True) -> Path:

@@ -61,7 +61,7 @@ def test_shipped_model_reconstructs_the_held_out_clip(carphone, untiled):
     assert psnr(untiled, carphone) > SHIPPED_MODEL_FLOOR_DB
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: tiled output is 24-27 dB from untiled output on the default "
+@pytest.mark.xfail(strict=True, reason="known gap: tiled output is 23-27 dB from untiled output on the default "
                                       "model (docs/benchmarks.md); the requirement is 35 dB")
 def test_tiled_output_agrees_with_untiled(model, carphone, untiled):
     """Tiles of 96 pixels (overlap 32) on 176x144 frames: six tiles a frame, statistics shared. One chunk
@@ -71,11 +71,13 @@ def test_tiled_output_agrees_with_untiled(model, carphone, untiled):
     assert psnr(tiled, untiled[:16]) >= 35.0
 
 
-def test_chunk_boundary_frames_are_as_good_as_interior_frames(carphone, untiled):
-    """Chunks of 16 frames: the frames either side of each boundary against all the others."""
+def test_chunk_boundary_frames_are_as_good_as_interior_frames(model, carphone, untiled):
+    """The default chunking: the frames either side of each chunk boundary against all the others."""
     scores = frame_psnrs(untiled, carphone)
     boundary = np.zeros(len(scores), bool)
-    for start in range(16, len(scores), 16):
+    starts = VideoPipeline(model, PipelineSettings(device="cpu")).chunk_boundaries(len(carphone))
+    assert starts  # 120 frames make several chunks
+    for start in starts:
         boundary[start - 1:start + 1] = True
     assert abs(scores[boundary].mean() - scores[~boundary].mean()) <= 0.5
 
@@ -88,3 +90,19 @@ def test_float16_agrees_with_float32(model, carphone):
     assert half.shape == full.shape and np.isfinite(half).all()
     assert half.std() > 0.02  # not a black or flat frame
     assert psnr(to_uint8(half), to_uint8(full)) >= 40.0
+
+
+def test_demo_writes_the_reconstruction_and_reports_its_scores(carphone, untiled, tmp_path):
+    """`cmvae demo` (the README's main job) scores the lossless file it wrote: the same frames as the
+    pipeline gives in memory, so the same per-frame PSNR, pooled."""
+    from cmvae.demo import run_demo
+
+    lines = []
+    results = run_demo(output_dir=tmp_path / "out", device="cpu", out=lines.append)
+    written = read_video(tmp_path / "out" / "carphone_pristine_reconstructed.mp4")
+    side_by_side = read_video(tmp_path / "out" / "carphone_pristine_side_by_side.mp4")
+    assert np.array_equal(written, untiled)
+    assert side_by_side.shape == (120, 144, 352, 3)
+    assert results["psnr"] == pytest.approx(frame_psnrs(untiled, carphone).mean(), abs=1e-6)
+    assert results["frames"] == 120 and 15 < results["bicubic_psnr"] < 30
+    assert any("PSNR" in line for line in lines)

@@ -107,7 +107,15 @@ def test_decode_refuses_another_models_latent(tiny_folder, tmp_path, capsys):
 def test_chunk_boundaries(tiny_pipe):
     pipe = VideoPipeline(tiny_pipe.model, PipelineSettings(chunk_frames=16, chunk_overlap=8, tile=0))
     assert pipe.chunk_boundaries(40) == [8, 16, 24]
-    assert VideoPipeline(tiny_pipe.model, PipelineSettings(chunk_frames=8, tile=0)).chunk_boundaries(17) == [8, 16]
+    assert VideoPipeline(tiny_pipe.model, PipelineSettings(chunk_frames=8, chunk_overlap=0)).chunk_boundaries(17) \
+        == [8, 16]
+
+
+def test_chunks_overlap_by_four_frames_unless_they_are_too_short():
+    assert PipelineSettings().chunking.overlap == 4
+    assert PipelineSettings(chunk_frames=8).chunking.overlap == 4
+    assert PipelineSettings(chunk_frames=4).chunking.overlap == 0
+    assert PipelineSettings(chunk_overlap=0).chunking.overlap == 0
 
 
 def _bad_inputs(tmp_path):
