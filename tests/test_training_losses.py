@@ -13,9 +13,9 @@ from cmvae.training.losses import (LastLayerTap, LossWeights, LPIPSWeightsMissin
                                    hinge_generator_loss, lpips_vgg)
 from cmvae.training.trainer import Trainer
 from media import encode_file, moving_pattern
+from test_training_run import SMALL, small_run
 
 # A small network with the structure of the presets: one downsample, 32 and 64 channels.
-SMALL = dict(base_channels=32, channel_multipliers=[1, 2], temporal_channels=32, num_res_blocks=1)
 
 
 def small_model(**changes) -> CrossModalVAE:
@@ -115,18 +115,6 @@ def clips(tmp_path_factory):
     for k in range(3):
         encode_file(folder / f"clip{k}.mp4", moving_pattern(24, 40, 40, seed=k))
     return folder
-
-
-def small_run(folder, output, **sections) -> dict:
-    values = {
-        "run": {"output": str(output), "steps": 4, "progress": False, "export_model": False, "log_every": 1},
-        "model": {"preset": "tiny", "config": SMALL},
-        "data": {"videos": [str(folder)], "frames": 4, "size": 32, "batch_size": 2, "workers": 0, "image_every": 0},
-        "loss": {"lpips": 0.0},
-    }
-    for section, changes in sections.items():
-        values.setdefault(section, {}).update(changes)
-    return values
 
 
 def test_discriminator_is_off_before_its_start_step_and_on_after(clips, tmp_path):
