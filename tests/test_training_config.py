@@ -56,11 +56,20 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     ("optim.lr", "key=value"),
     ("model.init=inflate", "needs model.weights"),
     ("optim.ema_decay=1.5", "between 0 and 1"),
+    ("data.stride=0", "data.stride must be a whole number of at least 1"),
+    ("data.stride=[2,0]", "data.stride must be a whole number of at least 1"),
+    ("data.stride=[]", "data.stride must be a whole number of at least 1"),
+    ("run.memory_format=nhwc", "run.memory_format must be one of auto, channels_last, contiguous"),
 ])
 def test_bad_values_name_the_key(tmp_path, override, words):
     path = _write(tmp_path, "model: {preset: tiny}\ndata: {videos: [a.csv]}\n")
     with pytest.raises(ConfigError, match=words.replace("[", r"\[")):
         load_config(path, [override])
+
+
+def test_stride_may_be_a_list_to_draw_from(tmp_path):
+    config = load_config(_write(tmp_path, "model: {preset: tiny}\ndata: {videos: [a.csv]}\n"), ["data.stride=[1,2,4]"])
+    assert config.data.stride == [1, 2, 4]
 
 
 def test_missing_file_and_missing_data(tmp_path):

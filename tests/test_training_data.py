@@ -113,6 +113,17 @@ def test_resize_covers_then_crops(tmp_path):
     assert clip[:, :, :6].max() < 30 and clip[:, :, -6:].min() > 225
 
 
+def test_a_list_of_strides_is_drawn_from_per_clip(tmp_path):
+    path = numbered_video(tmp_path / "n.mp4", 64)
+    plan = BatchPlan(1, 1, 1, 1, 0, seed=0)
+    dataset = TrainingBatches(plan, [MediaItem(str(path))], [], SampleSettings(4, [1, 3], (16, 16)))
+    steps = set()
+    for index in range(16):
+        clip = dataset[plan.spec(index)]["pixels"][0].permute(1, 2, 3, 0)
+        steps.update(np.diff(frame_numbers(clip)).tolist())
+    assert steps == {1, 3}
+
+
 # ---- batches ----------------------------------------------------------------------------------
 
 

@@ -27,6 +27,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:N (torchrun picks cuda:LOCAL_RANK)
     precision: str = "auto"  # auto, float32, bfloat16 (autocast); auto = bfloat16 where it is fast
+    memory_format: str = "auto"  # auto, channels_last, contiguous; auto = channels-last 3D where it is fast
     resume: str = "auto"  # auto: continue from the latest checkpoint in `output`; never; or a checkpoint file
     log_every: int = 10
     checkpoint_every: int = 500
@@ -62,7 +63,8 @@ class DataConfig:
     path_column: str = "path"
     caption_column: str = "caption"
     frames: int = 16
-    stride: int = 4  # take every stride-th frame; consecutive frames for videos too short for that
+    stride: int | list = 4  # take every stride-th frame (a list: each clip draws one); consecutive frames
+    # for videos too short for that
     size: int | list = field(default_factory=lambda: [216, 216])  # training height and width, or one side
     batch_size: int = 1  # per process
     image_batch_size: int | None = None  # per process; default: batch_size
@@ -77,7 +79,7 @@ class ValidationConfig:
     clips: int = 4  # the first `clips` videos, one centred clip each
     every: int = 500
     size: int | list | None = None  # height and width of the centred clips; default: data.size
-    stride: int | None = None  # frame step of the clips; default: data.stride
+    stride: int | None = None  # frame step of the clips; default: data.stride (its smallest)
     samples: int = 2  # reconstructed clips written as videos and to TensorBoard
 
 
@@ -146,6 +148,7 @@ class TrainConfig:
 
 CHOICES = {
     "run.precision": ("auto", "float32", "bfloat16"),
+    "run.memory_format": ("auto", "channels_last", "contiguous"),
     "optim.schedule": ("constant", "cosine"),
     "optim.optimizer": ("adam", "sgd"),
     "model.init": ("scratch", "inflate", "pretrained"),
@@ -276,7 +279,7 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
     run, data, optim, loss = config.run, config.data, config.optim, config.loss
     positive = {"run.steps": run.steps, "run.log_every": run.log_every, "run.checkpoint_every": run.checkpoint_every,
-                "run.keep_checkpoints": run.keep_checkpoints, "data.frames": data.frames, "data.stride": data.stride,
+                "run.keep_checkpoints": run.keep_checkpoints, "data.frames": data.frames,
                 "data.batch_size": data.batch_size, "optim.grad_accum": optim.grad_accum,
                 "validation.every": config.validation.every, "loss.disc_filters": loss.disc_filters,
                 "loss.disc_layers": loss.disc_layers}
@@ -285,6 +288,9 @@ def validate(config: TrainConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
+    strides = data.stride if isinstance(data.stride, list) else [data.stride]
+    if not strides or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in strides):
+        raise ConfigError(f"data.stride must be a whole number of at least 1 or a list of them, got {data.stride!r}")
     nonnegative = {"data.image_every": data.image_every, "data.workers": data.workers, "loss.l1": loss.l1,
                    "loss.lpips": loss.lpips, "loss.kl": loss.kl, "loss.disc_weight": loss.disc_weight,
                    "loss.disc_start": loss.disc_start, "optim.warmup_steps": optim.warmup_steps,

@@ -289,7 +289,7 @@ class PlanSampler(Sampler):
 @dataclass
 class SampleSettings:
     frames: int
-    stride: int
+    stride: int | list[int]  # a list: each clip draws one
     size: tuple[int, int]
     caption_dropout: float = 0.0
     seed: int = 0
@@ -334,7 +334,8 @@ class TrainingBatches(Dataset):
             try:
                 if kind == IMAGE:
                     return load_frame(item, s.size, rng), item
-                return load_clip(item, s.frames, s.stride, s.size, rng), item
+                stride = s.stride if isinstance(s.stride, int) else int(rng.choice(s.stride))
+                return load_clip(item, s.frames, stride, s.size, rng), item
             except (MediaError, SkipSample, OSError, ValueError) as error:
                 self.bad[item.path] = str(error)
                 skipped.append((item.path, str(error)))

@@ -30,8 +30,8 @@ class EMA:
     def update(self, step: int) -> None:
         """Average in the weights after optimizer step `step` (0 for the first)."""
         decay = min(self.decay, (1 + step) / (10 + step))
-        for name, parameter in self.parameters.items():
-            self.shadow[name].lerp_(parameter.detach().float(), 1.0 - decay)
+        weights = [self.parameters[name].detach().float() for name in self.shadow]
+        torch._foreach_lerp_(list(self.shadow.values()), weights, 1.0 - decay)  # one kernel for all, not one each
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Whole tensors on the CPU (a collective under FSDP: every rank must call it)."""

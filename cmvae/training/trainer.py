@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from ..checkpoints import save_model
-from ..device import cpu_has_fast_bfloat16, fast_low_precision
+from ..device import cpu_has_fast_bfloat16, fast_low_precision, preferred_memory_format
 from ..metrics import psnr
 from ..text import load_text_encoder
 from . import distributed
@@ -46,6 +46,13 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if fast_low_precision(device) == torch.bfloat16 else None
 
 
+def resolve_memory_format(name: str, device: torch.device, autocast_dtype: torch.dtype | None) -> torch.memory_format:
+    """The layout of the model's 5D weights and of the batches (`run.memory_format`)."""
+    if name == "auto":
+        return preferred_memory_format(device, autocast_dtype or torch.float32)
+    return torch.channels_last_3d if name == "channels_last" else torch.contiguous_format
+
+
 class Trainer:
     """Builds everything a run needs from a `TrainConfig`; `run()` trains and returns the run folder."""
 
@@ -55,6 +62,9 @@ class Trainer:
         self.context = distributed.setup(config.run.device, config.distributed.strategy, config.distributed.backend)
         self.device = self.context.device
         self.autocast_dtype = resolve_precision(config.run.precision, self.device)
+        self.memory_format = resolve_memory_format(config.run.memory_format, self.device, self.autocast_dtype)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # batch shapes are fixed: let cuDNN time its algorithms once
         resume_from = self._resume_source()
         torch.manual_seed(config.run.seed)  # the same initial weights on every rank
         self._build_model()
@@ -99,7 +109,7 @@ class Trainer:
                               "set data.image_every=0")
         if config.model.gradient_checkpointing:
             model.enable_gradient_checkpointing()
-        model.to(self.device)
+        model.to(self.device, memory_format=self.memory_format)
         self.embedder = self._text_embedder(model)
         self.tap = LastLayerTap(model.decoder.conv_out)
         strategy = self.context.strategy
@@ -271,7 +281,7 @@ class Trainer:
 
     def _autoencoder_pass(self, batch: dict, gan_on: bool):
         """Loss terms, the objective, and the detached reconstruction and target of one micro-batch."""
-        x = to_unit_range(batch["pixels"]).to(self.device, non_blocking=True)
+        x = to_unit_range(batch["pixels"]).to(self.device, non_blocking=True, memory_format=self.memory_format)
         context, mask = self._context(batch["captions"])
         self.tap.clear()
         with self._autocast():
@@ -345,7 +355,8 @@ class Trainer:
             return {}
         if self._validation_clips is None:
             data = self.config.data
-            stride = self.config.validation.stride or data.stride
+            default_stride = data.stride if isinstance(data.stride, int) else min(data.stride)
+            stride = self.config.validation.stride or default_stride
             self._validation_clips = validation_clips(self.validation_items, data.frames, stride,
                                                       self.config.validation_size)
         pairs, psnrs, ssims = [], [], []
@@ -353,7 +364,7 @@ class Trainer:
             self.model.eval()
             with torch.no_grad(), self._autocast():
                 for clip, item in self._validation_clips:
-                    x = clip[None].to(self.device)
+                    x = clip[None].to(self.device, memory_format=self.memory_format)
                     context, mask = self._context([item.caption])
                     reconstruction = self.model(x, context=context, context_mask=mask).sample.float()
                     psnrs.append(psnr(x, reconstruction))
