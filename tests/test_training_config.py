@@ -83,3 +83,14 @@ def test_missing_file_and_missing_data(tmp_path):
 def test_example_configs_load(name):
     config = load_config(REPO / "configs" / name)
     assert config.data.videos
+
+
+def test_memory_format_auto_keeps_float32_cpu_training_channels_first():
+    import torch
+
+    from cmvae.training.trainer import resolve_memory_format
+
+    cpu = torch.device("cpu")
+    assert resolve_memory_format("auto", cpu, None) == torch.contiguous_format
+    assert resolve_memory_format("channels_last", cpu, None) == torch.channels_last_3d
+    assert resolve_memory_format("contiguous", torch.device("cuda"), torch.bfloat16) == torch.contiguous_format
