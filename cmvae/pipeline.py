@@ -25,6 +25,7 @@ from .chunking import ChunkSettings, window_starts, windowed_map
 from .device import preferred_memory_format, resolve_device, resolve_dtype
 from .files import atomic_path
 from .models import CrossModalVAE
+from .models.autoencoder import LocalMap
 from .tiling import TileSettings, tiled_apply
 from .video_io import EncodeSettings, MediaInfo, VideoWriter, iter_chunks, probe
 
@@ -207,28 +208,26 @@ class VideoPipeline:
 
     def _encode_window(self, x: torch.Tensor, text: dict) -> torch.Tensor:
         """One chunk (or an image, T == 1: image mode) -> its posterior's moments (mean and
-        log-variance along channels), tiled when larger than a tile."""
-        tiles = self.settings.tiling
-
-        def encode(tile: torch.Tensor) -> torch.Tensor:
-            return self.model.encode(tile, **text).latent_dist.parameters
-
-        if not tiles.tile:
-            return encode(x)
-        return tiled_apply(encode, x, tiles.tile, tiles.overlap, align=self.spatial_factor,
-                           norm_root=self.model if tiles.shared_norm else None)
+        log-variance along channels); the full-resolution levels run tile by tile when the frame
+        is larger than a tile."""
+        local_map = self._tiler(self.settings.tiling.tile, self.settings.tiling.overlap, self.spatial_factor)
+        return self.model.encode(x, local_map=local_map, **text).latent_dist.parameters
 
     def _decode_window(self, z: torch.Tensor, text: dict, image_mode: bool) -> torch.Tensor:
-        tiles = self.settings.tiling
+        tiles, s = self.settings.tiling, self.spatial_factor
+        local_map = self._tiler(max(1, tiles.tile // s), tiles.overlap // s, 1)
+        return self.model.decode(z, image_mode=image_mode, local_map=local_map, **text).sample
 
-        def decode(tile: torch.Tensor) -> torch.Tensor:
-            return self.model.decode(tile, image_mode=image_mode, **text).sample
+    def _tiler(self, tile: int, overlap: int, align: int) -> LocalMap | None:
+        """`local_map` for the model: spatial tiles of `tile` (in units of what it tiles), or None."""
+        if not self.settings.tiling.tile:
+            return None
+        norm_root = self.model if self.settings.tiling.shared_norm else None
 
-        if not tiles.tile:
-            return decode(z)
-        s = self.spatial_factor
-        return tiled_apply(decode, z, max(1, tiles.tile // s), tiles.overlap // s, align=1,
-                           norm_root=self.model if tiles.shared_norm else None)
+        def local_map(fn, x: torch.Tensor) -> torch.Tensor:
+            return tiled_apply(fn, x, tile, overlap, align=align, norm_root=norm_root)
+
+        return local_map
 
     # ---- streams ------------------------------------------------------------------------------
 

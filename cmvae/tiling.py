@@ -1,7 +1,8 @@
 """Spatial tiling for any autoencoder: overlapping tiles, linear blending, shared GroupNorm statistics.
 
-`tiled_apply(fn, x, ...)` runs `fn` (an encoder or a decoder) on overlapping tiles of the last two
-dimensions of `x` and blends the outputs linearly across the overlaps. Per-tile GroupNorm
+`tiled_apply(fn, x, ...)` runs `fn` on overlapping tiles of the last two dimensions of `x` and blends
+the outputs linearly across the overlaps. The pipeline hands it the model's full-resolution levels
+(`local_map` of `CrossModalVAE.encode` and `decode`), whose outputs depend on a neighbourhood only. Per-tile GroupNorm
 statistics are the usual cause of seams and colour shifts in tiled VAEs: with `shared_norm`, a first
 pass over non-overlapping tiles gathers every GroupNorm's statistics over the whole frame (for all
 frames of the chunk), and the second, overlapping pass normalises every tile with them. Nothing
@@ -192,7 +193,7 @@ def _blend_tiles(fn, x, rows, cols, on_tile, shared: SharedGroupNorm | None = No
             weight_sum[rs:re, cs:ce] += w
             if on_tile:
                 on_tile()
-    return out / weight_sum
+    return (out / weight_sum).to(y.dtype)  # blended in float32, returned in fn's dtype
 
 
 def _scale_spans(spans: list[tuple[int, int]], scale: float) -> list[tuple[int, int]]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,6 +20,9 @@ from .spatial import SpatialDecoder, SpatialEncoder
 from .temporal import TemporalDecoder, TemporalEncoder
 
 Captions = str | Sequence[str | None] | None
+# Runs a function of frames or features (B, C, T, H, W) on an input, for example over spatial tiles:
+# `local_map(fn, x)` must equal `fn(x)` up to how `fn` is applied (see `encode`).
+LocalMap = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor], torch.Tensor]
 
 
 class CaptionEncoder(Protocol):
@@ -59,6 +62,10 @@ def _fold_frames(x: torch.Tensor) -> torch.Tensor:
 def _unfold_frames(x: torch.Tensor, batch: int) -> torch.Tensor:
     n, c, _, h, w = x.shape
     return x.reshape(batch, n // batch, c, h, w).transpose(1, 2)
+
+
+def _local(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, local_map: LocalMap | None) -> torch.Tensor:
+    return fn(x) if local_map is None else local_map(fn, x)
 
 
 class CrossModalVAE(ModelMixin, ConfigMixin):
@@ -175,35 +182,42 @@ class CrossModalVAE(ModelMixin, ConfigMixin):
 
     # ---- the two stages, callable on their own ------------------------------------------------
 
-    def encode_spatial(self, x: torch.Tensor, text: TextContext | None = None, image_mode: bool = False) -> DiagonalGaussian:
+    def encode_spatial(self, x: torch.Tensor, text: TextContext | None = None, image_mode: bool = False,
+                       local_map: LocalMap | None = None) -> DiagonalGaussian:
         """Frames (B, 3, T, H, W) -> spatial posterior over (B, zc, T, H/8, W/8) (after `quant_conv`).
 
-        In image mode every frame is encoded alone, with no temporal layer.
+        In image mode every frame is encoded alone, with no temporal layer. `local_map` runs the
+        full-resolution levels (see `encode`).
         """
         if image_mode:
             batch, frames = x.shape[0], x.shape[2]
             text = None if text is None else text.repeat_frames(frames)
-            moments = _unfold_frames(self._spatial_moments(_fold_frames(x), text, video=False), batch)
+            moments = _unfold_frames(self._spatial_moments(_fold_frames(x), text, False, local_map), batch)
         else:
-            moments = self._spatial_moments(x, text, video=True)
+            moments = self._spatial_moments(x, text, True, local_map)
         return DiagonalGaussian(moments)
 
-    def _spatial_moments(self, x: torch.Tensor, text: TextContext | None, video: bool) -> torch.Tensor:
-        moments = self.encoder(x, text, video)
+    def _spatial_moments(self, x: torch.Tensor, text: TextContext | None, video: bool,
+                         local_map: LocalMap | None = None) -> torch.Tensor:
+        features = _local(lambda frames: self.encoder.levels(frames, text, video), x, local_map)
+        moments = self.encoder.head(features, video)
         return self.quant_conv(moments) if self.quant_conv is not None else moments
 
-    def decode_spatial(self, z1: torch.Tensor, text: TextContext | None = None, image_mode: bool = False) -> torch.Tensor:
-        """Spatial latent (B, zc, T, h, w) -> frames (B, 3, T, 8h, 8w)."""
+    def decode_spatial(self, z1: torch.Tensor, text: TextContext | None = None, image_mode: bool = False,
+                       local_map: LocalMap | None = None) -> torch.Tensor:
+        """Spatial latent (B, zc, T, h, w) -> frames (B, 3, T, 8h, 8w). `local_map`: see `decode`."""
         if image_mode:
             batch, frames = z1.shape[0], z1.shape[2]
             text = None if text is None else text.repeat_frames(frames)
-            return _unfold_frames(self._decode_frames(_fold_frames(z1), text, video=False), batch)
-        return self._decode_frames(z1, text, video=True)
+            return _unfold_frames(self._decode_frames(_fold_frames(z1), text, False, local_map), batch)
+        return self._decode_frames(z1, text, True, local_map)
 
-    def _decode_frames(self, z1: torch.Tensor, text: TextContext | None, video: bool) -> torch.Tensor:
+    def _decode_frames(self, z1: torch.Tensor, text: TextContext | None, video: bool,
+                       local_map: LocalMap | None = None) -> torch.Tensor:
         if self.post_quant_conv is not None:
             z1 = self.post_quant_conv(z1)
-        return self.decoder(z1, text, video)
+        features = self.decoder.trunk(z1, video)
+        return _local(lambda h: self.decoder.levels(h, text, video), features, local_map)
 
     def encode_temporal(self, z1: torch.Tensor, text: TextContext | None = None) -> DiagonalGaussian:
         """Spatial latent (B, zc, T, h, w) -> temporal posterior over (B, zc, T/4, h, w)."""
@@ -224,14 +238,18 @@ class CrossModalVAE(ModelMixin, ConfigMixin):
         sample_spatial: bool = False,
         generator: torch.Generator | None = None,
         return_dict: bool = True,
+        local_map: LocalMap | None = None,
     ) -> AutoencoderKLOutput | tuple[DiagonalGaussian]:
         """Encode videos (T a multiple of 4) or images (T == 1) to the final posterior.
 
         The temporal stage reads the spatial posterior's mean unless `sample_spatial` is set.
+        `local_map(fn, frames)` runs the full-resolution levels of the spatial encoder, whose outputs
+        depend on a neighbourhood only, for example tile by tile (`cmvae.tiling`); the middle block's
+        attention and the temporal stage then see the whole frame at 1/8 resolution.
         """
         self._check_frames(x)
         text = self.text_context(x.shape[0], captions, context, context_mask)
-        spatial = self.encode_spatial(x, text, image_mode=x.shape[2] == 1)
+        spatial = self.encode_spatial(x, text, image_mode=x.shape[2] == 1, local_map=local_map)
         if x.shape[2] == 1:
             posterior = spatial
         else:
@@ -247,17 +265,19 @@ class CrossModalVAE(ModelMixin, ConfigMixin):
         context_mask: torch.Tensor | None = None,
         image_mode: bool | None = None,
         return_dict: bool = True,
+        local_map: LocalMap | None = None,
     ) -> DecoderOutput | tuple[torch.Tensor]:
         """Decode latents (B, zc, t, h, w) to (B, 3, 4t, 8h, 8w), or images in image mode.
 
         `image_mode=None` takes a latent with t == 1 for an image; pass `image_mode=False` to decode
-        the single latent frame of a 4-frame video.
+        the single latent frame of a 4-frame video. `local_map(fn, features)` runs the spatial
+        decoder's levels (1/8 resolution features in, frames out), as in `encode`.
         """
         self._check_latent(z)
         text = self.text_context(z.shape[0], captions, context, context_mask)
         image_mode = z.shape[2] == 1 if image_mode is None else image_mode
         z1 = z if image_mode else self.decode_temporal(z, text)
-        sample = self.decode_spatial(z1, text, image_mode=image_mode)
+        sample = self.decode_spatial(z1, text, image_mode=image_mode, local_map=local_map)
         return DecoderOutput(sample=sample) if return_dict else (sample,)
 
     def forward(

@@ -97,9 +97,17 @@ class SpatialEncoder(Checkpointed):
         self.conv_out = spatial_conv(ch * mult[-1], 2 * cfg.latent_channels)
 
     def forward(self, x: torch.Tensor, text: TextContext | None, video: bool) -> torch.Tensor:
+        return self.head(self.levels(x, text, video), video)
+
+    def levels(self, x: torch.Tensor, text: TextContext | None, video: bool) -> torch.Tensor:
+        """Frames -> features at 1/8 resolution: convolutions only, so each output sees a neighbourhood."""
         h = self.conv_in(x)
         for stage in self.down:
             h = stage(h, text, video, self.run)
+        return h
+
+    def head(self, h: torch.Tensor, video: bool) -> torch.Tensor:
+        """Features -> moments, through the middle block, whose attention sees the whole frame."""
         h = self.mid(h, video)
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -125,7 +133,14 @@ class SpatialDecoder(Checkpointed):
         self.conv_out = spatial_conv(ch * mult[0], cfg.in_channels)
 
     def forward(self, z: torch.Tensor, text: TextContext | None, video: bool) -> torch.Tensor:
-        h = self.mid(self.conv_in(z), video)
+        return self.levels(self.trunk(z, video), text, video)
+
+    def trunk(self, z: torch.Tensor, video: bool) -> torch.Tensor:
+        """Latent -> features at its resolution, through the middle block (attention over the whole frame)."""
+        return self.mid(self.conv_in(z), video)
+
+    def levels(self, h: torch.Tensor, text: TextContext | None, video: bool) -> torch.Tensor:
+        """Features -> frames, 8x larger: convolutions only, so each output sees a neighbourhood."""
         for stage in reversed(self.up):
             h = stage(h, text, video, self.run)
         return self.conv_out(F.silu(self.norm_out(h)))
