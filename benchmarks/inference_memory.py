@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--model", default="16z", help="preset (random weights) or model folder")
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--tile-overlap", type=int, default=64)
-    parser.add_argument("--shared-norm", action="store_true")
+    parser.add_argument("--shared-norm", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", default="docs/benchmarks/inference.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case in this process
     args = parser.parse_args()
@@ -94,7 +94,7 @@ def main() -> None:
     results = []
     for name in args.cases:
         command = [sys.executable, __file__, "--one", name, "--model", args.model, "--tile", str(args.tile),
-                   "--tile-overlap", str(args.tile_overlap)] + (["--shared-norm"] if args.shared_norm else [])
+                   "--tile-overlap", str(args.tile_overlap)] + (["--shared-norm"] if args.shared_norm else ["--no-shared-norm"])
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             print(f"{name}: failed\n{done.stderr[-2000:]}", file=sys.stderr)

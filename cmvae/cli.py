@@ -53,9 +53,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                             "shorter than 8 frames)")
     group.add_argument("--tile", type=int, default=d.tile, help="spatial tile side in pixels, 0 = never tile")
     group.add_argument("--tile-overlap", type=int, default=d.tile_overlap, help="tile overlap in pixels")
-    group.add_argument("--shared-norm", action="store_true",
-                       help="tiles share GroupNorm statistics from a first pass (slower; measured no better, "
-                            "see docs/benchmarks.md)")
+    group.add_argument("--shared-norm", action=argparse.BooleanOptionalAction, default=d.shared_norm,
+                       help="tiles share GroupNorm statistics gathered in a first pass (on by default: closer to "
+                            "untiled output, see docs/benchmarks.md; --no-shared-norm is faster)")
     group.add_argument("--resize", type=_resize, help="N: shorter side to N pixels; WxH: exact size, cropped to "
                                                       "keep the aspect ratio unless --stretch")
     group.add_argument("--stretch", action="store_true", help="with --resize WxH, distort instead of cropping")

@@ -25,7 +25,7 @@ from .chunking import ChunkSettings, window_starts, windowed_map
 from .device import preferred_memory_format, resolve_device, resolve_dtype
 from .files import atomic_path
 from .models import CrossModalVAE
-from .models.autoencoder import LocalMap
+from .models.spatial import LocalMap
 from .tiling import TileSettings, tiled_apply
 from .video_io import EncodeSettings, MediaInfo, VideoWriter, iter_chunks, probe
 
@@ -42,7 +42,7 @@ class PipelineSettings:
     chunk_overlap: int | None = None
     tile: int = 256  # 0: never tile
     tile_overlap: int = 64
-    shared_norm: bool = False  # tiles share GroupNorm statistics from a first pass (docs/benchmarks.md)
+    shared_norm: bool = True  # tiles share GroupNorm statistics from a first pass (docs/benchmarks.md)
     device: str = "auto"
     dtype: str = "float32"
     resize: int | tuple[int, int] | None = None  # shorter side, or (width, height)

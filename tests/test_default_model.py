@@ -61,10 +61,10 @@ def test_shipped_model_reconstructs_the_held_out_clip(carphone, untiled):
     assert psnr(untiled, carphone) > SHIPPED_MODEL_FLOOR_DB
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: tiled output is 27-31 dB from untiled output on the default "
+@pytest.mark.xfail(strict=True, reason="known gap: tiled output is 31-32 dB from untiled output on the default "
                                       "model (docs/benchmarks.md); the requirement is 35 dB")
 def test_tiled_output_agrees_with_untiled(model, carphone, untiled):
-    """Tiles of 96 pixels (overlap 32) on 176x144 frames: six tiles a frame, statistics per tile. One chunk
+    """Tiles of 96 pixels (overlap 32) on 176x144 frames: six tiles a frame, statistics shared. One chunk
     of 16 frames (chunks are independent, so the untiled clip's first 16 frames are its untiled output)."""
     tiled = reconstruct(model, carphone[:16], tile=96, tile_overlap=32)
     assert tiled.shape == untiled[:16].shape

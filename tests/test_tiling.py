@@ -97,3 +97,11 @@ def test_pipeline_tiles_large_frames_and_keeps_their_size():
     tiled = VideoPipeline(model, PipelineSettings(device="cpu", tile=32, tile_overlap=16)).reconstruct_array(frames)
     assert tiled.shape == untiled.shape == (4, 40, 72, 3) and np.isfinite(tiled).all()
     assert not np.allclose(tiled, untiled)  # tiled indeed: per-tile GroupNorm statistics change the output
+
+
+def test_tiles_share_statistics_unless_the_command_line_says_otherwise():
+    from cmvae.cli import build_parser
+
+    assert PipelineSettings().shared_norm
+    assert build_parser().parse_args(["reconstruct", "in.mp4"]).shared_norm
+    assert not build_parser().parse_args(["reconstruct", "in.mp4", "--no-shared-norm"]).shared_norm

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -16,13 +16,10 @@ from torch import nn
 from .attention import TextContext
 from .config import CMVAEConfig, preset
 from .distributions import DiagonalGaussian
-from .spatial import SpatialDecoder, SpatialEncoder
+from .spatial import LocalMap, SpatialDecoder, SpatialEncoder
 from .temporal import TemporalDecoder, TemporalEncoder
 
 Captions = str | Sequence[str | None] | None
-# Runs a function of frames or features (B, C, T, H, W) on an input, for example over spatial tiles:
-# `local_map(fn, x)` must equal `fn(x)` up to how `fn` is applied (see `encode`).
-LocalMap = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor], torch.Tensor]
 
 
 class CaptionEncoder(Protocol):
@@ -62,10 +59,6 @@ def _fold_frames(x: torch.Tensor) -> torch.Tensor:
 def _unfold_frames(x: torch.Tensor, batch: int) -> torch.Tensor:
     n, c, _, h, w = x.shape
     return x.reshape(batch, n // batch, c, h, w).transpose(1, 2)
-
-
-def _local(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, local_map: LocalMap | None) -> torch.Tensor:
-    return fn(x) if local_map is None else local_map(fn, x)
 
 
 class CrossModalVAE(ModelMixin, ConfigMixin):
@@ -199,8 +192,7 @@ class CrossModalVAE(ModelMixin, ConfigMixin):
 
     def _spatial_moments(self, x: torch.Tensor, text: TextContext | None, video: bool,
                          local_map: LocalMap | None = None) -> torch.Tensor:
-        features = _local(lambda frames: self.encoder.levels(frames, text, video), x, local_map)
-        moments = self.encoder.head(features, video)
+        moments = self.encoder(x, text, video, local_map)  # the module call: FSDP gathers weights in its hooks
         return self.quant_conv(moments) if self.quant_conv is not None else moments
 
     def decode_spatial(self, z1: torch.Tensor, text: TextContext | None = None, image_mode: bool = False,
@@ -216,8 +208,7 @@ class CrossModalVAE(ModelMixin, ConfigMixin):
                        local_map: LocalMap | None = None) -> torch.Tensor:
         if self.post_quant_conv is not None:
             z1 = self.post_quant_conv(z1)
-        features = self.decoder.trunk(z1, video)
-        return _local(lambda h: self.decoder.levels(h, text, video), features, local_map)
+        return self.decoder(z1, text, video, local_map)
 
     def encode_temporal(self, z1: torch.Tensor, text: TextContext | None = None) -> DiagonalGaussian:
         """Spatial latent (B, zc, T, h, w) -> temporal posterior over (B, zc, T/4, h, w)."""

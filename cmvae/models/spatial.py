@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,6 +12,15 @@ from .attention import CrossAttention, SpatialSelfAttention, TemporalAttention, 
 from .config import CMVAEConfig
 from .layers import Downsample, Upsample, group_norm, spatial_conv
 from .resnet import ResnetBlock
+
+
+# Runs a function of frames or features (B, C, T, H, W) on an input, for example tile by tile
+# (`cmvae.tiling`): `local_map(fn, x)` stands for `fn(x)`.
+LocalMap = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor], torch.Tensor]
+
+
+def _local(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, local_map: LocalMap | None) -> torch.Tensor:
+    return fn(x) if local_map is None else local_map(fn, x)
 
 
 class Checkpointed(nn.Module):
@@ -96,8 +107,10 @@ class SpatialEncoder(Checkpointed):
         self.norm_out = group_norm(ch * mult[-1], cfg.norm_num_groups)
         self.conv_out = spatial_conv(ch * mult[-1], 2 * cfg.latent_channels)
 
-    def forward(self, x: torch.Tensor, text: TextContext | None, video: bool) -> torch.Tensor:
-        return self.head(self.levels(x, text, video), video)
+    def forward(self, x: torch.Tensor, text: TextContext | None, video: bool,
+                local_map: LocalMap | None = None) -> torch.Tensor:
+        """`local_map` runs the levels (see `CrossModalVAE.encode`); the head sees the whole frame."""
+        return self.head(_local(lambda frames: self.levels(frames, text, video), x, local_map), video)
 
     def levels(self, x: torch.Tensor, text: TextContext | None, video: bool) -> torch.Tensor:
         """Frames -> features at 1/8 resolution: convolutions only, so each output sees a neighbourhood."""
@@ -132,8 +145,10 @@ class SpatialDecoder(Checkpointed):
         self.norm_out = group_norm(ch * mult[0], cfg.norm_num_groups)
         self.conv_out = spatial_conv(ch * mult[0], cfg.in_channels)
 
-    def forward(self, z: torch.Tensor, text: TextContext | None, video: bool) -> torch.Tensor:
-        return self.levels(self.trunk(z, video), text, video)
+    def forward(self, z: torch.Tensor, text: TextContext | None, video: bool,
+                local_map: LocalMap | None = None) -> torch.Tensor:
+        """`local_map` runs the levels (see `CrossModalVAE.decode`); the trunk sees the whole frame."""
+        return _local(lambda h: self.levels(h, text, video), self.trunk(z, video), local_map)
 
     def trunk(self, z: torch.Tensor, video: bool) -> torch.Tensor:
         """Latent -> features at its resolution, through the middle block (attention over the whole frame)."""
