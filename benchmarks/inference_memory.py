@@ -93,8 +93,9 @@ def main() -> None:
         return
     results = []
     for name in args.cases:
+        norm = "--shared-norm" if args.shared_norm else "--no-shared-norm"
         command = [sys.executable, __file__, "--one", name, "--model", args.model, "--tile", str(args.tile),
-                   "--tile-overlap", str(args.tile_overlap)] + (["--shared-norm"] if args.shared_norm else ["--no-shared-norm"])
+                   "--tile-overlap", str(args.tile_overlap), norm]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             print(f"{name}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
