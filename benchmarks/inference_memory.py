@@ -31,7 +31,7 @@ CASES = {
 }
 
 
-def run_case(name: str, model: str, tile: int, tile_overlap: int, shared_norm: bool) -> dict:
+def run_case(name: str, model: str, tile: int, tile_overlap: int, tile_norm: str) -> dict:
     import numpy as np
     import torch
 
@@ -49,7 +49,7 @@ def run_case(name: str, model: str, tile: int, tile_overlap: int, shared_norm: b
         source = write_video(Path(folder) / "in.mp4", clip, settings=EncodeSettings(crf=10))
         del clip, big
         model_obj = resolve_model(model)
-        settings = PipelineSettings(tile=tile, tile_overlap=tile_overlap, shared_norm=shared_norm, dtype=dtype,
+        settings = PipelineSettings(tile=tile, tile_overlap=tile_overlap, tile_norm=tile_norm, dtype=dtype,
                                     device="cpu", **extra)
         pipe = VideoPipeline(model_obj, settings)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -59,7 +59,7 @@ def run_case(name: str, model: str, tile: int, tile_overlap: int, shared_norm: b
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     params = sum(p.numel() for p in model_obj.parameters())
     return {"case": name, "frames": frames, "height": height, "width": width, "dtype": dtype, "model": model,
-            "parameters": params, "tile": tile, "tile_overlap": tile_overlap, "shared_norm": shared_norm,
+            "parameters": params, "tile": tile, "tile_overlap": tile_overlap, "tile_norm": tile_norm,
             "seconds": round(seconds, 1), "seconds_per_frame": round(seconds / frames, 2),
             "peak_rss_gib": round(peak, 2), "rss_before_run_gib": round(before, 2)}
 
@@ -84,18 +84,17 @@ def main() -> None:
     parser.add_argument("--model", default="16z", help="preset (random weights) or model folder")
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--tile-overlap", type=int, default=64)
-    parser.add_argument("--shared-norm", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--tile-norm", default="exact", choices=["exact", "first-pass", "per-tile"])
     parser.add_argument("--out", default="docs/benchmarks/inference.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case in this process
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_case(args.one, args.model, args.tile, args.tile_overlap, args.shared_norm)))
+        print(json.dumps(run_case(args.one, args.model, args.tile, args.tile_overlap, args.tile_norm)))
         return
     results = []
     for name in args.cases:
-        norm = "--shared-norm" if args.shared_norm else "--no-shared-norm"
         command = [sys.executable, __file__, "--one", name, "--model", args.model, "--tile", str(args.tile),
-                   "--tile-overlap", str(args.tile_overlap), norm]
+                   "--tile-overlap", str(args.tile_overlap), "--tile-norm", args.tile_norm]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             print(f"{name}: failed\n{done.stderr[-2000:]}", file=sys.stderr)

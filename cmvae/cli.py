@@ -44,6 +44,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     from .pipeline import PipelineSettings
+    from .tiling import NORM_MODES
 
     d = PipelineSettings()
     group = parser.add_argument_group("chunks and tiles")
@@ -53,9 +54,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                             "shorter than 8 frames)")
     group.add_argument("--tile", type=int, default=d.tile, help="spatial tile side in pixels, 0 = never tile")
     group.add_argument("--tile-overlap", type=int, default=d.tile_overlap, help="tile overlap in pixels")
-    group.add_argument("--shared-norm", action=argparse.BooleanOptionalAction, default=d.shared_norm,
-                       help="tiles share GroupNorm statistics gathered in a first pass (on by default: closer to "
-                            "untiled output, see docs/benchmarks.md; --no-shared-norm is faster)")
+    group.add_argument("--tile-norm", choices=NORM_MODES, default=d.tile_norm,
+                       help="GroupNorm statistics in tiles: exact (the whole frame's: tiled output equals untiled "
+                            "output, several passes), first-pass (approximate, two passes) or per-tile (one pass, "
+                            "visible seams); see docs/benchmarks.md (default: %(default)s)")
     group.add_argument("--resize", type=_resize, help="N: shorter side to N pixels; WxH: exact size, cropped to "
                                                       "keep the aspect ratio unless --stretch")
     group.add_argument("--stretch", action="store_true", help="with --resize WxH, distort instead of cropping")
@@ -80,7 +82,7 @@ def _pipeline(args: argparse.Namespace):
     elif args.text_encoder:
         logging.getLogger("cmvae").warning("--text-encoder ignored: the model has no text conditioning")
     settings = PipelineSettings(chunk_frames=args.chunk_frames, chunk_overlap=args.chunk_overlap, tile=args.tile,
-                                tile_overlap=args.tile_overlap, shared_norm=args.shared_norm,
+                                tile_overlap=args.tile_overlap, tile_norm=args.tile_norm,
                                 device=args.device, dtype=args.dtype, resize=args.resize, stretch=args.stretch)
     return VideoPipeline(model, settings, text_encoder=text_encoder, progress=True)
 

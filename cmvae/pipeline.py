@@ -42,7 +42,7 @@ class PipelineSettings:
     chunk_overlap: int | None = None
     tile: int = 256  # 0: never tile
     tile_overlap: int = 64
-    shared_norm: bool = True  # tiles share GroupNorm statistics from a first pass (docs/benchmarks.md)
+    tile_norm: str = "exact"  # GroupNorm statistics in tiles: exact, first-pass or per-tile (cmvae.tiling)
     device: str = "auto"
     dtype: str = "float32"
     resize: int | tuple[int, int] | None = None  # shorter side, or (width, height)
@@ -60,7 +60,7 @@ class PipelineSettings:
 
     @property
     def tiling(self) -> TileSettings:
-        return TileSettings(self.tile, self.tile_overlap, self.shared_norm)
+        return TileSettings(self.tile, self.tile_overlap, self.tile_norm)
 
 
 @dataclass
@@ -208,24 +208,25 @@ class VideoPipeline:
 
     def _encode_window(self, x: torch.Tensor, text: dict) -> torch.Tensor:
         """One chunk (or an image, T == 1: image mode) -> its posterior's moments (mean and
-        log-variance along channels); the full-resolution levels run tile by tile when the frame
-        is larger than a tile."""
-        local_map = self._tiler(self.settings.tiling.tile, self.settings.tiling.overlap, self.spatial_factor)
-        return self.model.encode(x, local_map=local_map, **text).latent_dist.parameters
+        log-variance along channels); each level of the spatial encoder runs tile by tile when the
+        frame is larger than a tile."""
+        return self.model.encode(x, local_map=self._tiler(), **text).latent_dist.parameters
 
     def _decode_window(self, z: torch.Tensor, text: dict, image_mode: bool) -> torch.Tensor:
-        tiles, s = self.settings.tiling, self.spatial_factor
-        local_map = self._tiler(max(1, tiles.tile // s), tiles.overlap // s, 1)
-        return self.model.decode(z, image_mode=image_mode, local_map=local_map, **text).sample
+        return self.model.decode(z, image_mode=image_mode, local_map=self._tiler(), **text).sample
 
-    def _tiler(self, tile: int, overlap: int, align: int) -> LocalMap | None:
-        """`local_map` for the model: spatial tiles of `tile` (in units of what it tiles), or None."""
-        if not self.settings.tiling.tile:
+    def _tiler(self) -> LocalMap | None:
+        """`local_map` for the model: each level in tiles of the frame's tiling, scaled to the level."""
+        tiling = self.settings.tiling
+        if not tiling.tile:
             return None
-        norm_root = self.model if self.settings.tiling.shared_norm else None
 
-        def local_map(fn, x: torch.Tensor) -> torch.Tensor:
-            return tiled_apply(fn, x, tile, overlap, align=align, norm_root=norm_root)
+        def local_map(fn, x: torch.Tensor, scale: int) -> torch.Tensor:
+            tile, overlap = tiling.level_tiles(scale)
+            # tiles start and are cut on the frame's grid of `spatial_factor` pixels, which keeps every
+            # level's downsampling and its cross-attention's patches where they are in the whole frame
+            align = max(2, self.spatial_factor // scale)
+            return tiled_apply(fn, x, tile, overlap, align=align, norm_root=self.model, norm=tiling.norm)
 
         return local_map
 

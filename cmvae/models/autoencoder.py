@@ -179,8 +179,8 @@ class CrossModalVAE(ModelMixin, ConfigMixin):
                        local_map: LocalMap | None = None) -> DiagonalGaussian:
         """Frames (B, 3, T, H, W) -> spatial posterior over (B, zc, T, H/8, W/8) (after `quant_conv`).
 
-        In image mode every frame is encoded alone, with no temporal layer. `local_map` runs the
-        full-resolution levels (see `encode`).
+        In image mode every frame is encoded alone, with no temporal layer. `local_map` runs each
+        level (see `encode`).
         """
         if image_mode:
             batch, frames = x.shape[0], x.shape[2]
@@ -234,9 +234,10 @@ class CrossModalVAE(ModelMixin, ConfigMixin):
         """Encode videos (T a multiple of 4) or images (T == 1) to the final posterior.
 
         The temporal stage reads the spatial posterior's mean unless `sample_spatial` is set.
-        `local_map(fn, frames)` runs the full-resolution levels of the spatial encoder, whose outputs
-        depend on a neighbourhood only, for example tile by tile (`cmvae.tiling`); the middle block's
-        attention and the temporal stage then see the whole frame at 1/8 resolution.
+        `local_map(fn, h, scale)` runs each level of the spatial encoder on its input `h` at 1/`scale` of
+        the frame's resolution (frames first), for example tile by tile (`cmvae.tiling`): a level's
+        outputs depend on a neighbourhood and on its GroupNorms' statistics only. The middle block's
+        attention and the temporal stage see the whole frame at 1/8 resolution.
         """
         self._check_frames(x)
         text = self.text_context(x.shape[0], captions, context, context_mask)
@@ -261,8 +262,9 @@ class CrossModalVAE(ModelMixin, ConfigMixin):
         """Decode latents (B, zc, t, h, w) to (B, 3, 4t, 8h, 8w), or images in image mode.
 
         `image_mode=None` takes a latent with t == 1 for an image; pass `image_mode=False` to decode
-        the single latent frame of a 4-frame video. `local_map(fn, features)` runs the spatial
-        decoder's levels (1/8 resolution features in, frames out), as in `encode`.
+        the single latent frame of a 4-frame video. `local_map(fn, h, scale)` runs each level of the
+        spatial decoder (the lowest first; each starts with the previous level's upsample, and the last
+        ends in the output layers), as in `encode`.
         """
         self._check_latent(z)
         text = self.text_context(z.shape[0], captions, context, context_mask)

@@ -14,13 +14,14 @@ from .layers import Downsample, Upsample, group_norm, spatial_conv
 from .resnet import ResnetBlock
 
 
-# Runs a function of frames or features (B, C, T, H, W) on an input, for example tile by tile
-# (`cmvae.tiling`): `local_map(fn, x)` stands for `fn(x)`.
-LocalMap = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor], torch.Tensor]
+# Runs a function of frames or features (B, C, T, H, W) at 1/scale of the video's resolution on an input,
+# for example tile by tile (`cmvae.tiling`): `local_map(fn, x, scale)` stands for `fn(x)`.
+LocalMap = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, int], torch.Tensor]
 
 
-def _local(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, local_map: LocalMap | None) -> torch.Tensor:
-    return fn(x) if local_map is None else local_map(fn, x)
+def _local(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, scale: int,
+           local_map: LocalMap | None) -> torch.Tensor:
+    return fn(x) if local_map is None else local_map(fn, x, scale)
 
 
 class Checkpointed(nn.Module):
@@ -59,10 +60,16 @@ class Level(nn.Module):
         self.upsample: Upsample | None = None
 
     def forward(self, h: torch.Tensor, text: TextContext | None, video: bool, run) -> torch.Tensor:
+        return self.resample(self.blocks(h, text, video, run))
+
+    def blocks(self, h: torch.Tensor, text: TextContext | None, video: bool, run) -> torch.Tensor:
         for i, block in enumerate(self.block):
             h = run(block, h, video)
             if len(self.attn):
                 h = h + run(self.attn[i], h, text)
+        return h
+
+    def resample(self, h: torch.Tensor) -> torch.Tensor:
         if self.downsample is not None:
             h = self.downsample(h)
         if self.upsample is not None:
@@ -109,15 +116,18 @@ class SpatialEncoder(Checkpointed):
 
     def forward(self, x: torch.Tensor, text: TextContext | None, video: bool,
                 local_map: LocalMap | None = None) -> torch.Tensor:
-        """`local_map` runs the levels (see `CrossModalVAE.encode`); the head sees the whole frame."""
-        return self.head(_local(lambda frames: self.levels(frames, text, video), x, local_map), video)
+        """`local_map` runs each level (see `CrossModalVAE.encode`); the head sees the whole frame."""
+        h = x
+        for level in range(len(self.down)):
+            h = _local(lambda h, level=level: self.level(level, h, text, video), h, 2**level, local_map)
+        return self.head(h, video)
 
-    def levels(self, x: torch.Tensor, text: TextContext | None, video: bool) -> torch.Tensor:
-        """Frames -> features at 1/8 resolution: convolutions only, so each output sees a neighbourhood."""
-        h = self.conv_in(x)
-        for stage in self.down:
-            h = stage(h, text, video, self.run)
-        return h
+    def level(self, level: int, h: torch.Tensor, text: TextContext | None, video: bool) -> torch.Tensor:
+        """One resolution (frames first go through `conv_in`), ending in its downsample: convolutions and
+        GroupNorms only, so each output depends on a neighbourhood and on the norms' statistics."""
+        if level == 0:
+            h = self.conv_in(h)
+        return self.down[level](h, text, video, self.run)
 
     def head(self, h: torch.Tensor, video: bool) -> torch.Tensor:
         """Features -> moments, through the middle block, whose attention sees the whole frame."""
@@ -147,15 +157,23 @@ class SpatialDecoder(Checkpointed):
 
     def forward(self, z: torch.Tensor, text: TextContext | None, video: bool,
                 local_map: LocalMap | None = None) -> torch.Tensor:
-        """`local_map` runs the levels (see `CrossModalVAE.decode`); the trunk sees the whole frame."""
-        return _local(lambda h: self.levels(h, text, video), self.trunk(z, video), local_map)
+        """`local_map` runs each level (see `CrossModalVAE.decode`); the trunk sees the whole frame."""
+        h = self.trunk(z, video)
+        top = len(self.up) - 1
+        for level in reversed(range(len(self.up))):
+            scale = 2 ** min(level + 1, top)  # the level's input: the previous level before its upsample
+            h = _local(lambda h, level=level: self.level(level, h, text, video), h, scale, local_map)
+        return h
 
     def trunk(self, z: torch.Tensor, video: bool) -> torch.Tensor:
         """Latent -> features at its resolution, through the middle block (attention over the whole frame)."""
         return self.mid(self.conv_in(z), video)
 
-    def levels(self, h: torch.Tensor, text: TextContext | None, video: bool) -> torch.Tensor:
-        """Features -> frames, 8x larger: convolutions only, so each output sees a neighbourhood."""
-        for stage in reversed(self.up):
-            h = stage(h, text, video, self.run)
-        return self.conv_out(F.silu(self.norm_out(h)))
+    def level(self, level: int, h: torch.Tensor, text: TextContext | None, video: bool) -> torch.Tensor:
+        """The previous level's upsample, then this resolution (ending, at full resolution, in the output
+        layers): so that what passes between levels is the smaller tensor. Convolutions and GroupNorms
+        only, as in the encoder."""
+        if level < len(self.up) - 1:
+            h = self.up[level + 1].resample(h)
+        h = self.up[level].blocks(h, text, video, self.run)
+        return self.conv_out(F.silu(self.norm_out(h))) if level == 0 else h
