@@ -117,16 +117,6 @@ def _blend_weights(spans: list[tuple[int, int]]) -> list[torch.Tensor]:
     return out
 
 
-def _cut_weights(spans: list[tuple[int, int]], owned: list[tuple[int, int]]) -> list[torch.Tensor]:
-    """1 on the part a tile owns, 0 elsewhere."""
-    out = []
-    for (start, end), (own_start, own_end) in zip(spans, owned):
-        weights = torch.zeros(end - start)
-        weights[own_start - start:own_end - start] = 1
-        out.append(weights)
-    return out
-
-
 class _StopTile(Exception):
     """Raised inside a tile once it has given the statistics this pass gathers."""
 
@@ -218,37 +208,42 @@ def _accumulate(stats: Stats, key, groups: int, part: torch.Tensor) -> None:
 
 
 class _Canvas:
-    """Adds weighted tile outputs and divides by the summed weights, at the output's scale, which the
-    first output tells. Weights blend linearly across overlaps or, with `owned`, keep each tile's
-    owned region. Accumulates in float32 and returns the tiles' dtype."""
+    """Joins tile outputs at the output's scale, which the first output tells: blended linearly across
+    the overlaps (summed with weights in float32, then divided), or, with `owned`, each tile's owned
+    region copied in place (in the tiles' dtype: no second copy of the frame)."""
 
     def __init__(self, rows, cols, owned: tuple[list, list] | None = None):
         self.rows, self.cols, self.owned = rows, cols, owned
-        self.out = self.weight_sum = None
+        self.out = None
 
     def _start(self, y: torch.Tensor, scale: float) -> None:
         self.rows, self.cols = _scaled(self.rows, scale), _scaled(self.cols, scale)
-        if self.owned is None:
-            self.row_weights, self.col_weights = _blend_weights(self.rows), _blend_weights(self.cols)
-        else:
-            owned_rows, owned_cols = (_scaled(spans, scale) for spans in self.owned)
-            self.row_weights = _cut_weights(self.rows, owned_rows)
-            self.col_weights = _cut_weights(self.cols, owned_cols)
         shape = (*y.shape[:-2], self.rows[-1][1], self.cols[-1][1])
+        self.dtype = y.dtype
+        if self.owned is not None:
+            self.owned = tuple(_scaled(spans, scale) for spans in self.owned)
+            self.out = torch.empty(shape, dtype=y.dtype, device=y.device)
+            return
+        self.row_weights, self.col_weights = _blend_weights(self.rows), _blend_weights(self.cols)
         self.out = torch.zeros(shape, dtype=torch.float32, device=y.device)
         self.weight_sum = torch.zeros(shape[-2:], dtype=torch.float32, device=y.device)
-        self.dtype = y.dtype
 
     def add(self, i: int, j: int, y: torch.Tensor) -> None:
         if self.out is None:
             self._start(y, y.shape[-2] / (self.rows[i][1] - self.rows[i][0]))
         (r0, r1), (c0, c1) = self.rows[i], self.cols[j]
+        if self.owned is not None:
+            (o0, o1), (p0, p1) = self.owned[0][i], self.owned[1][j]
+            self.out[..., o0:o1, p0:p1] = y[..., o0 - r0:o1 - r0, p0 - c0:p1 - c0]
+            return
         w = (self.row_weights[i][:, None] * self.col_weights[j][None, :]).to(y.device)
         self.out[..., r0:r1, c0:c1] += y.float() * w
         self.weight_sum[r0:r1, c0:c1] += w
 
     def result(self) -> torch.Tensor:
-        return (self.out / self.weight_sum).to(self.dtype)
+        if self.owned is not None:
+            return self.out
+        return self.out.div_(self.weight_sum).to(self.dtype)
 
 
 def _scaled(spans: list[tuple[int, int]], scale: float) -> list[tuple[int, int]]:
