@@ -79,12 +79,14 @@ def machine() -> str:
 
 
 def main() -> None:
+    from cmvae.tiling import NORM_MODES
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--model", default="16z", help="preset (random weights) or model folder")
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--tile-overlap", type=int, default=64)
-    parser.add_argument("--tile-norm", default="exact", choices=["exact", "first-pass", "per-tile"])
+    parser.add_argument("--tile-norm", default="exact", choices=NORM_MODES)
     parser.add_argument("--out", default="docs/benchmarks/inference.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case in this process
     args = parser.parse_args()
