@@ -85,12 +85,28 @@ def test_example_configs_load(name):
     assert config.data.videos
 
 
-def test_memory_format_auto_keeps_float32_cpu_training_channels_first():
+@pytest.mark.parametrize("native", ["0", "1"])
+def test_precision_auto_follows_the_cpu_kind(monkeypatch, native):
     import torch
 
-    from cmvae.training.trainer import resolve_memory_format
+    from cmvae.device import resolve_precision
 
+    monkeypatch.setenv("CMVAE_CPU_BF16", native)
     cpu = torch.device("cpu")
-    assert resolve_memory_format("auto", cpu, None) == torch.contiguous_format
-    assert resolve_memory_format("channels_last", cpu, None) == torch.channels_last_3d
-    assert resolve_memory_format("contiguous", torch.device("cuda"), torch.bfloat16) == torch.contiguous_format
+    auto = resolve_precision("auto", cpu)
+    if native == "1":
+        assert (auto.dtype, auto.memory_format) == (torch.bfloat16, torch.channels_last_3d)
+    else:
+        assert (auto.dtype, auto.memory_format) == (torch.float32, torch.contiguous_format)
+    assert resolve_precision("float32", cpu).memory_format == torch.contiguous_format
+    assert resolve_precision("float32", cpu, "channels_last").memory_format == torch.channels_last_3d
+    assert resolve_precision("bfloat16", torch.device("cuda"), "contiguous").memory_format == torch.contiguous_format
+    assert "emulated" in resolve_precision("bfloat16", cpu).reason or native == "1"
+
+
+def test_precision_override_must_be_0_or_1(monkeypatch):
+    from cmvae.device import resolve_precision
+
+    monkeypatch.setenv("CMVAE_CPU_BF16", "yes")
+    with pytest.raises(ValueError, match="CMVAE_CPU_BF16"):
+        resolve_precision("auto", "cpu")

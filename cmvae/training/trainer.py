@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from ..checkpoints import save_model
-from ..device import cpu_has_fast_bfloat16, fast_low_precision, preferred_memory_format
+from ..device import resolve_precision
 from ..metrics import psnr
 from ..text import load_text_encoder
 from . import distributed
@@ -34,25 +34,6 @@ from .start import VIDEO_ONLY, build_model, select_trainable
 logger = logging.getLogger(__name__)
 
 
-def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of `run.precision`, None for float32. `auto` is bfloat16 only where it is fast."""
-    if name == "float32":
-        return None
-    if name == "bfloat16":
-        if device.type == "cpu" and not cpu_has_fast_bfloat16():
-            logger.warning("bfloat16 on a CPU without native bfloat16 (AMX or AVX-512 BF16) is emulated and much "
-                           "slower than float32; run.precision=auto picks float32 here")
-        return torch.bfloat16
-    return torch.bfloat16 if fast_low_precision(device) == torch.bfloat16 else None
-
-
-def resolve_memory_format(name: str, device: torch.device, autocast_dtype: torch.dtype | None) -> torch.memory_format:
-    """The layout of the model's 5D weights and of the batches (`run.memory_format`)."""
-    if name == "auto":
-        return preferred_memory_format(device, autocast_dtype or torch.float32)
-    return torch.channels_last_3d if name == "channels_last" else torch.contiguous_format
-
-
 class Trainer:
     """Builds everything a run needs from a `TrainConfig`; `run()` trains and returns the run folder."""
 
@@ -61,8 +42,9 @@ class Trainer:
         self.run_dir = Path(config.run.output)
         self.context = distributed.setup(config.run.device, config.distributed.strategy, config.distributed.backend)
         self.device = self.context.device
-        self.autocast_dtype = resolve_precision(config.run.precision, self.device)
-        self.memory_format = resolve_memory_format(config.run.memory_format, self.device, self.autocast_dtype)
+        self.precision = resolve_precision(config.run.precision, self.device, config.run.memory_format)
+        self.autocast_dtype = None if self.precision.dtype == torch.float32 else self.precision.dtype
+        self.memory_format = self.precision.memory_format
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # batch shapes are fixed: let cuDNN time its algorithms once
         resume_from = self._resume_source()
