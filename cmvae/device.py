@@ -113,9 +113,16 @@ class Precision:
 
 
 def resolve_precision(name: str | torch.dtype = "auto", device: torch.device | str = "cpu",
-                      memory_format: str = "auto") -> Precision:
-    """`auto` or a dtype name, and `auto`, `channels_last` or `contiguous`, resolved for `device`."""
+                      memory_format: str = "auto", training: bool = False) -> Precision:
+    """`auto` or a dtype name, and `auto`, `channels_last` or `contiguous`, resolved for `device`.
+
+    Training on a CPU resolves `auto` to float32 even where the CPU computes bfloat16 natively: there,
+    backward passes under bfloat16 autocast crashed (segmentation fault) or ran for minutes on batches
+    that take a second in float32 (torch 2.14.1, a Xeon with AMX; docs/training.md)."""
     device = torch.device(device)
+    if training and device.type == "cpu" and name == "auto":
+        return Precision(torch.float32, _layout(memory_format, device, torch.float32),
+                         "auto: CPU training runs in float32")
     if isinstance(name, torch.dtype) or name != "auto":
         dtype = resolve_dtype(name)
         reason = "asked for"
@@ -125,10 +132,12 @@ def resolve_precision(name: str | torch.dtype = "auto", device: torch.device | s
         dtype = fast_low_precision(device) or torch.float32
         where = "GPU" if device.type == "cuda" else cpu_kind()
         reason = f"auto: {where}"
+    return Precision(dtype, _layout(memory_format, device, dtype), reason)
+
+
+def _layout(memory_format: str, device: torch.device, dtype: torch.dtype) -> torch.memory_format:
     if memory_format == "auto":
-        layout = preferred_memory_format(device, dtype)
-    elif memory_format in ("channels_last", "contiguous"):
-        layout = torch.channels_last_3d if memory_format == "channels_last" else torch.contiguous_format
-    else:
-        raise ValueError(f"unknown memory format {memory_format!r}; choose auto, channels_last or contiguous")
-    return Precision(dtype, layout, reason)
+        return preferred_memory_format(device, dtype)
+    if memory_format in ("channels_last", "contiguous"):
+        return torch.channels_last_3d if memory_format == "channels_last" else torch.contiguous_format
+    raise ValueError(f"unknown memory format {memory_format!r}; choose auto, channels_last or contiguous")

@@ -102,6 +102,9 @@ def test_precision_auto_follows_the_cpu_kind(monkeypatch, native):
     assert resolve_precision("float32", cpu, "channels_last").memory_format == torch.channels_last_3d
     assert resolve_precision("bfloat16", torch.device("cuda"), "contiguous").memory_format == torch.contiguous_format
     assert "emulated" in resolve_precision("bfloat16", cpu).reason or native == "1"
+    training = resolve_precision("auto", cpu, training=True)  # bfloat16 backward crashed on such a CPU
+    assert (training.dtype, training.memory_format) == (torch.float32, torch.contiguous_format)
+    assert resolve_precision("auto", torch.device("cuda"), training=True).dtype in (torch.bfloat16, torch.float16)
 
 
 def test_precision_override_must_be_0_or_1(monkeypatch):

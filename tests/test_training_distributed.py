@@ -36,6 +36,7 @@ def run_config(clips: Path, output: Path, **changes) -> dict:
     gradients are averaged."""
     values = {
         "run": {"output": str(output), "steps": 3, "progress": False, "export_model": False, "log_every": 1,
+                "precision": "float32", "memory_format": "contiguous",  # one numerical path on every CPU and strategy
                 "trace_data": True, "checkpoint_every": 100},
         "model": {"preset": "tiny", "config": SMALL, "sample_posterior": False},
         "data": {"videos": [str(clips)], "frames": 4, "size": 32, "batch_size": 1, "workers": 0, "image_every": 3},

@@ -28,6 +28,8 @@ class RunConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N (torchrun picks cuda:LOCAL_RANK)
     precision: str = "auto"  # auto, float32, bfloat16 (autocast); auto = bfloat16 where it is fast
     memory_format: str = "auto"  # auto, channels_last, contiguous; auto = channels-last 3D where it is fast
+    compile: str = "none"  # none, or a torch.compile mode for the model: default, reduce-overhead (CUDA
+    # graphs), max-autotune; pays on GPUs for runs longer than the minute or two it takes to compile
     resume: str = "auto"  # auto: continue from the latest checkpoint in `output`; never; or a checkpoint file
     log_every: int = 10
     checkpoint_every: int = 500
@@ -69,6 +71,9 @@ class DataConfig:
     batch_size: int = 1  # per process
     image_batch_size: int | None = None  # per process; default: batch_size
     image_every: int = 5  # every image_every-th batch is an image batch; 0: videos only; 1: images only
+    loader: str = "workers"  # workers: DataLoader processes decode each batch with PyAV; resident: every
+    # file is decoded once and kept as uint8 on the training device, batches cut there (data that fits
+    # in memory; packs, see cmvae.training.resident, are always resident)
     workers: int = 2  # DataLoader processes decoding with PyAV
     prefetch: int = 2  # batches each worker prepares ahead
 
@@ -149,6 +154,8 @@ class TrainConfig:
 CHOICES = {
     "run.precision": ("auto", "float32", "bfloat16"),
     "run.memory_format": ("auto", "channels_last", "contiguous"),
+    "run.compile": ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "data.loader": ("workers", "resident"),
     "optim.schedule": ("constant", "cosine"),
     "optim.optimizer": ("adam", "sgd"),
     "model.init": ("scratch", "inflate", "pretrained"),

@@ -54,6 +54,8 @@ def read_sources(sources: list[str], kind: str, root: str | None = None, path_co
 
 
 def _read_source(source: Path, kind: str, root: str | None, path_column: str, caption_column: str) -> list[MediaItem]:
+    if source.is_dir() and _is_pack(source):
+        return _pack_items(source, kind)
     if source.is_dir():
         wanted = IMAGE_SUFFIXES if kind == IMAGE else VIDEO_SUFFIXES
         return [MediaItem(str(p), _sidecar_caption(p)) for p in list_media(source) if p.suffix.lower() in wanted]
@@ -74,6 +76,20 @@ def _read_source(source: Path, kind: str, root: str | None, path_column: str, ca
         raise ValueError(f"{source}: a data source is a folder, a .txt list, a .csv or a .jsonl file")
     return [_row_item(row, base, path_column, caption_column, source, number)
             for number, row in enumerate(rows, start=2 if suffix == ".csv" else 1)]
+
+
+def _is_pack(folder: Path) -> bool:
+    from .resident import is_pack
+
+    return is_pack(folder)
+
+
+def _pack_items(folder: Path, kind: str) -> list[MediaItem]:
+    """The items of a frame pack (`cmvae.training.resident`): its images for images, else its videos."""
+    from .resident import read_pack
+
+    items, _ = read_pack(str(folder.resolve()))
+    return [item for item in items if is_image_path(item.path) == (kind == IMAGE)]
 
 
 def _read_jsonl(source: Path) -> list[dict]:
@@ -153,10 +169,12 @@ class VideoEndedEarly(SkipSample):
 
 def decode_frames(path: str, indices: list[int], size: tuple[int, int]) -> np.ndarray:
     """Frames `indices` (ascending) of a video or image, scaled so that they cover `size` (H, W):
-    (n, h, w, 3) uint8 with h >= H, w >= W. Raises `VideoEndedEarly` when the video ends before them."""
+    (n, h, w, 3) uint8 with h >= H, w >= W. Raises `VideoEndedEarly` when the video ends before them.
+
+    A clip far into a long video starts with a seek to the keyframe before it rather than decoding
+    every frame from the start."""
     info = media_info(path)  # clear MediaErrors for missing files, other kinds of file, no video stream
-    scale = max(size[0] / info.height, size[1] / info.width)
-    height, width = math.ceil(info.height * scale - 1e-6), math.ceil(info.width * scale - 1e-6)
+    height, width = cover_size(info.height, info.width, size)
     wanted = set(indices)
     frames: dict[int, np.ndarray] = {}
     seen = 0
@@ -164,7 +182,9 @@ def decode_frames(path: str, indices: list[int], size: tuple[int, int]) -> np.nd
         with av.open(path) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
+            numbering = _seek(container, stream, indices[0], info.fps)
             for frame in container.decode(stream):
+                seen = numbering(frame, seen)
                 if seen in wanted:
                     frames[seen] = frame.to_ndarray(format="rgb24", width=width, height=height,
                                                     interpolation="AREA")
@@ -176,6 +196,36 @@ def decode_frames(path: str, indices: list[int], size: tuple[int, int]) -> np.nd
     if len(frames) < len(wanted):
         raise VideoEndedEarly(seen, indices[-1])
     return np.stack([frames[i] for i in indices])
+
+
+def cover_size(height: int, width: int, size: tuple[int, int]) -> tuple[int, int]:
+    """The smallest (height, width) of the same aspect ratio that covers `size`."""
+    scale = max(size[0] / height, size[1] / width)
+    return math.ceil(height * scale - 1e-6), math.ceil(width * scale - 1e-6)
+
+
+SEEK_AFTER_SECONDS = 2.0  # clips starting later than this seek; earlier ones decode from the start
+
+
+def _seek(container, stream, first: int, fps) -> callable:
+    """Seek to the keyframe before frame `first` when that saves decoding; returns how to number the
+    decoded frames: by counting from 0 without a seek, from their timestamps after one."""
+
+    def counting(frame, seen: int) -> int:
+        return seen
+
+    if not fps or first < SEEK_AFTER_SECONDS * float(fps) or stream.time_base is None:
+        return counting
+    start = stream.start_time or 0
+    frame_ticks = 1 / (float(fps) * float(stream.time_base))
+    container.seek(int(start + (first - 1) * frame_ticks), stream=stream, backward=True, any_frame=False)
+
+    def by_timestamp(frame, seen: int) -> int:
+        if frame.pts is None:
+            raise MediaError("frames without timestamps: cannot tell where a seek landed")
+        return round((frame.pts - start) / frame_ticks)
+
+    return by_timestamp
 
 
 def crop(frames: np.ndarray, size: tuple[int, int], rng: np.random.Generator | None) -> np.ndarray:
@@ -313,13 +363,13 @@ class TrainingBatches(Dataset):
         clips, captions, paths, skipped = [], [], [], []
         for position in spec.positions:
             pixels, item = self._load(spec.kind, position, skipped)
-            clips.append(torch.from_numpy(np.ascontiguousarray(pixels)).permute(3, 0, 1, 2))
+            clips.append(pixels)
             captions.append(self._caption(item, spec.kind, position))
             paths.append(item.path)
-        return dict(pixels=torch.stack(clips), captions=captions, paths=paths, index=spec.index, kind=spec.kind,
-                    skipped=skipped)
+        return dict(pixels=torch.stack(clips).permute(0, 4, 1, 2, 3), captions=captions, paths=paths,
+                    index=spec.index, kind=spec.kind, skipped=skipped)
 
-    def _load(self, kind: str, position: int, skipped: list) -> tuple[np.ndarray, MediaItem]:
+    def _load(self, kind: str, position: int, skipped: list) -> tuple[torch.Tensor, MediaItem]:
         items = self.images if kind == IMAGE else self.videos
         s = self.settings
         sample = self.plan.sample(kind, position)
@@ -333,14 +383,23 @@ class TrainingBatches(Dataset):
                 continue
             try:
                 if kind == IMAGE:
-                    return load_frame(item, s.size, rng), item
+                    return self.frame(item, rng), item
                 stride = s.stride if isinstance(s.stride, int) else int(rng.choice(s.stride))
-                return load_clip(item, s.frames, stride, s.size, rng), item
+                return self.clip(item, stride, rng), item
             except (MediaError, SkipSample, OSError, ValueError) as error:
                 self.bad[item.path] = str(error)
                 skipped.append((item.path, str(error)))
         raise RuntimeError(f"{_MAX_REPLACEMENTS} samples in a row could not be read (last: {skipped[-1][0]}: "
                            f"{skipped[-1][1]}); check the data lists")
+
+    def clip(self, item: MediaItem, stride: int, rng: np.random.Generator) -> torch.Tensor:
+        """A training clip (T, H, W, 3) uint8 of `item`, decoded now."""
+        pixels = load_clip(item, self.settings.frames, stride, self.settings.size, rng)
+        return torch.from_numpy(np.ascontiguousarray(pixels))
+
+    def frame(self, item: MediaItem, rng: np.random.Generator) -> torch.Tensor:
+        """A training image (1, H, W, 3) uint8 of `item`, decoded now."""
+        return torch.from_numpy(np.ascontiguousarray(load_frame(item, self.settings.size, rng)))
 
     def _caption(self, item: MediaItem, kind: str, position: int) -> str:
         dropout = self.settings.caption_dropout
@@ -349,11 +408,13 @@ class TrainingBatches(Dataset):
         return item.caption
 
 
-def make_loader(dataset: TrainingBatches, start: int, workers: int, prefetch: int) -> DataLoader:
-    """Batches of one process from micro-batch `start` on, decoded by `workers` processes."""
+def make_loader(dataset: TrainingBatches, start: int, workers: int, prefetch: int,
+                pin_memory: bool = False) -> DataLoader:
+    """Batches of one process from micro-batch `start` on, decoded by `workers` processes; with
+    `pin_memory` they arrive in page-locked memory, so that copies to a GPU run asynchronously."""
     return DataLoader(dataset, sampler=PlanSampler(dataset.plan, start), batch_size=None, num_workers=workers,
                       prefetch_factor=prefetch if workers else None, persistent_workers=False,
-                      collate_fn=_keep)
+                      collate_fn=_keep, pin_memory=pin_memory)
 
 
 def _keep(batch: dict) -> dict:
@@ -361,7 +422,7 @@ def _keep(batch: dict) -> dict:
 
 
 def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> float32 in [-1, 1]."""
+    """uint8 pixels -> float32 in [-1, 1] (on the pixels' device)."""
     return pixels.float() / 127.5 - 1.0
 
 

@@ -31,7 +31,8 @@ class Monitor:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step)
+        # a resumed run drops what a killed launch logged after its checkpoint, and keeps the checkpoint's own step
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
         if progress:
             from tqdm import tqdm
 
@@ -43,10 +44,14 @@ class Monitor:
         for name, value in values.items():
             self.writer.add_scalar(name, value, step)
 
-    def advance(self, summary: dict[str, float]) -> None:
+    def advance(self) -> None:
         if self.bar is not None:
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in summary.items()}, refresh=False)
             self.bar.update(1)
+
+    def summary(self, values: dict[str, float]) -> None:
+        """Figures shown beside the progress bar (set on logging steps: reading them waits for the device)."""
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
 
     def message(self, text: str) -> None:
         if not self.enabled:

@@ -7,7 +7,9 @@ import re
 
 from torch import nn
 
-from ..checkpoints import load_model
+from pathlib import Path
+
+from ..checkpoints import DEFAULT_MODEL_DIR, load_model
 from ..inflate import inflate_from_image_vae
 from ..models import CMVAEConfig, CrossModalVAE, preset
 from .config import ConfigError, ModelConfig
@@ -38,6 +40,11 @@ def architecture(config: ModelConfig) -> CMVAEConfig | None:
         raise ConfigError(f"model.preset/model.config: {error}") from None
 
 
+def resolve_weights(weights: str) -> Path:
+    """`model.weights` as a path: `default` is the shipped model's folder."""
+    return DEFAULT_MODEL_DIR if weights == "default" else Path(weights)
+
+
 def build_model(config: ModelConfig) -> CrossModalVAE:
     """The starting model in float32 and training mode."""
     cfg = architecture(config)
@@ -46,7 +53,9 @@ def build_model(config: ModelConfig) -> CrossModalVAE:
     elif config.init == "inflate":
         model = inflate_from_image_vae(config.weights, config=cfg)
     else:
-        model = load_model(config.weights, config=cfg)
+        if not config.weights:
+            raise ConfigError("model.init=pretrained needs model.weights: a model folder, a weights file or default")
+        model = load_model(resolve_weights(config.weights), config=cfg)
     return model.float().train()
 
 

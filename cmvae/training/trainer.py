@@ -11,6 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+import yaml
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -26,10 +27,12 @@ from .config import ConfigError, TrainConfig
 from .data import (IMAGE, VIDEO, BatchPlan, SampleSettings, TrainingBatches, make_loader, read_sources,
                    to_unit_range, validation_clips)
 from .ema import EMA
+from .history import TrainingHistory
 from .losses import (LastLayerTap, LossWeights, PatchDiscriminator, ReconstructionLoss, adaptive_weight,
                      hinge_discriminator_loss, hinge_generator_loss, lpips_vgg)
 from .monitor import Monitor
-from .start import VIDEO_ONLY, build_model, select_trainable
+from .resident import PACK_SEPARATOR, FrameStore, ResidentBatches, ResidentLoader
+from .start import VIDEO_ONLY, build_model, resolve_weights, select_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +45,11 @@ class Trainer:
         self.run_dir = Path(config.run.output)
         self.context = distributed.setup(config.run.device, config.distributed.strategy, config.distributed.backend)
         self.device = self.context.device
-        self.precision = resolve_precision(config.run.precision, self.device, config.run.memory_format)
+        self.precision = resolve_precision(config.run.precision, self.device, config.run.memory_format,
+                                           training=True)
         self.autocast_dtype = None if self.precision.dtype == torch.float32 else self.precision.dtype
         self.memory_format = self.precision.memory_format
+        self._log_main(f"precision: {self.precision.describe()} on {self.device}")
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # batch shapes are fixed: let cuDNN time its algorithms once
         resume_from = self._resume_source()
@@ -57,7 +62,9 @@ class Trainer:
         self.step = 0
         self.trained_seconds = 0.0  # time spent in training steps, over all launches of the run
         self.data_position = 0  # micro-batches consumed
-        self.history: list[dict[str, float]] = []
+        self._history: list[dict] = []  # each step's metrics, device tensors among them
+        self.samples_seen = 0  # clips and images trained on, over all processes and launches of the run
+        self.curve = TrainingHistory.continuing(self._start_folder(), self.run_dir.name)
         self.skipped_samples = 0
         self.unreadable: dict[str, str] = {}  # path -> reason, files this rank found unreadable
         self._reported: set[str] = set()
@@ -82,6 +89,14 @@ class Trainer:
             raise ConfigError(f"run.resume: no checkpoint file at {path} (or use auto / never)")
         return path
 
+    def _start_folder(self) -> Path | None:
+        """The model folder a pretrained run starts from (its learning curve continues), if any."""
+        model = self.config.model
+        if model.init != "pretrained" or not model.weights:
+            return None
+        folder = resolve_weights(model.weights)
+        return folder if folder.is_dir() else None
+
     def _build_model(self) -> None:
         config = self.config
         model = build_model(config.model)
@@ -91,15 +106,19 @@ class Trainer:
                               "set data.image_every=0")
         if config.model.gradient_checkpointing:
             model.enable_gradient_checkpointing()
-        model.to(self.device, memory_format=self.memory_format)
+        # FSDP shards only contiguous parameters; inputs still arrive in self.memory_format
+        fsdp = self.context.strategy == "fsdp"
+        model.to(self.device, memory_format=torch.contiguous_format if fsdp else self.memory_format)
         self.embedder = self._text_embedder(model)
         self.tap = LastLayerTap(model.decoder.conv_out)
-        strategy = self.context.strategy
-        if strategy == "fsdp":
+        if fsdp:
             distributed.shard_fsdp(model)
             self.engine = model
         else:
             self.engine = distributed.wrap_ddp(model, self.context, find_unused=config.data.image_every > 0)
+        # compiled for video batches only: image batches (another graph, minutes more to compile) run eagerly
+        self.video_engine = (self.engine if config.run.compile == "none"
+                             else torch.compile(self.engine, mode=config.run.compile))
         self.model = model
         self.trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
         counts = sum(p.numel() for p in self.trainable.values()), sum(p.numel() for p in model.parameters())
@@ -148,13 +167,33 @@ class Trainer:
                          data.image_every, ctx.world, ctx.rank, self.config.run.seed)
         settings = SampleSettings(data.frames, data.stride, self.config.size, self.config.text.caption_dropout,
                                   self.config.run.seed)
-        self.dataset = TrainingBatches(plan, videos, images, settings)
+        self.dataset = self._batches(plan, videos, images, settings)
         validation = self.config.validation
         self.validation_items = (read_sources(validation.videos, VIDEO, **columns)[: validation.clips]
                                  if validation.videos and validation.clips else [])
         self._validation_clips = None
         self._log_main(f"data: {len(videos)} videos, {len(images)} images"
                        + ({0: "", 1: ", images only"}.get(data.image_every, f", one batch in {data.image_every} of images")))
+
+    def _batches(self, plan: BatchPlan, videos: list, images: list, settings: SampleSettings) -> TrainingBatches:
+        """Batches decoded by workers, or cut from frames held resident (packs always are)."""
+        items = videos + images
+        if self.config.data.loader != "resident" and not any(PACK_SEPARATOR in item.path for item in items):
+            return TrainingBatches(plan, videos, images, settings)
+        if self.config.data.loader != "resident":
+            raise ConfigError("data: frame packs need data.loader=resident")
+        started = time.perf_counter()
+        store = FrameStore.build(items, settings.size, self.device)
+        where = next(iter(store.frames.values())).device if store.frames else self.device
+        self._log_main(f"data: {len(store.frames)} files resident as uint8 on {where} "
+                       f"({store.nbytes / 1e9:.2f} GB, {time.perf_counter() - started:.1f} s to load)")
+        return ResidentBatches(plan, videos, images, settings, store)
+
+    def _loader(self):
+        if isinstance(self.dataset, ResidentBatches):
+            return ResidentLoader(self.dataset, self.data_position)
+        return iter(make_loader(self.dataset, self.data_position, self.config.data.workers,
+                                self.config.data.prefetch, pin_memory=self.device.type == "cuda"))
 
     # ---- the loop -----------------------------------------------------------------------------
 
@@ -164,33 +203,58 @@ class Trainer:
         last = min(run.steps, until) if until is not None else run.steps
         if self.context.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(self.config.to_yaml())
+            self._record_config()
         monitor = Monitor(self.run_dir, self.context.is_main, run.steps, self.step, run.progress)
-        batches = iter(make_loader(self.dataset, self.data_position, self.config.data.workers,
-                                   self.config.data.prefetch))
+        batches = self._loader()
         state = None
+        self._stop = False
         try:
             window = _Window()
-            while self.step < last and not self._out_of_time():
+            while self.step < last and not self._stop:
                 metrics = self.train_step(batches)
                 self.trained_seconds += metrics["time/step"]
                 window.add(metrics)
-                monitor.advance({"loss": metrics["loss/total"]})
-                if self.step % run.log_every == 0 or self.step == last:
+                monitor.advance()
+                logging_step = self.step % run.log_every == 0 or self.step == last
+                if logging_step:
                     self._report(monitor, window)
                     window = _Window()
+                if logging_step or not self.context.distributed:
+                    self._stop = self._out_of_time()
                 if self._due(self.config.validation.every, last):
                     self.validate(monitor)
-                if self.step % run.checkpoint_every == 0 or self.step == last or self._out_of_time():
+                if self.step % run.checkpoint_every == 0 or self.step == last or self._stop:
                     state = self.save_checkpoint()
-            if (self.step >= run.steps or self._out_of_time()) and run.export_model:
+            if (self.step >= run.steps or self._stop) and run.export_model:
                 state = state or self.save_checkpoint()
                 if self.context.is_main:
-                    save_model(model_from_checkpoint(state, use_ema=True), self.run_dir / "model")
-                    monitor.message(f"exported the trained model to {self.run_dir / 'model'}")
+                    folder = save_model(model_from_checkpoint(state, use_ema=True), self.run_dir / "model")
+                    self.curve.save(folder)
+                    monitor.message(f"exported the trained model to {folder}")
         finally:
             monitor.close()
         return self.run_dir
+
+    def _record_config(self) -> None:
+        """config.yaml holds the run's settings and what `auto` resolved to; a launch that continues
+        the run under other settings keeps it and writes its own beside it, saying what changed."""
+        text = self.config.to_yaml() + yaml.safe_dump({"resolved": self._resolved()}, sort_keys=False)
+        path = self.run_dir / "config.yaml"
+        if path.is_file() and self.step > 0:
+            before = yaml.safe_load(path.read_text()) or {}
+            before.pop("resolved", None)
+            changed = _changed_keys(before, self.config.to_dict())
+            if not changed:
+                return
+            path = self.run_dir / f"config.resumed-at-step-{self.step:08d}.yaml"
+            logger.warning("continuing %s at step %d with changed settings (%s); the first launch's are kept in "
+                           "config.yaml, these in %s", self.run_dir, self.step, ", ".join(changed), path.name)
+        path.write_text(text)
+
+    def _resolved(self) -> dict:
+        return {"device": str(self.device), "precision": self.precision.dtype_name,
+                "memory_format": self.precision.layout_name, "why": self.precision.reason,
+                "world_size": self.context.world, "compile": self.config.run.compile}
 
     def _progress(self) -> float:
         """How far the run is, 0 to 1: by steps, or by training time when `run.max_seconds` runs out first."""
@@ -201,23 +265,27 @@ class Trainer:
         return min(1.0, progress)
 
     def _out_of_time(self) -> bool:
-        """Whether `run.max_seconds` of training time are spent (rank 0 decides for all)."""
+        """Whether `run.max_seconds` of training time are spent (rank 0 decides for all; asked on
+        logging steps only, since agreeing takes a collective that waits for the device)."""
         if not self.config.run.max_seconds:
             return False
         spent = self.trained_seconds >= self.config.run.max_seconds
         return self.context.mean(float(spent) if self.context.is_main else 0.0) > 0
 
     def _due(self, every: int, last: int) -> bool:
-        return bool(self.validation_items) and (self.step % every == 0 or self.step == last or self._out_of_time())
+        return bool(self.validation_items) and (self.step % every == 0 or self.step == last or self._stop)
 
-    def train_step(self, batches) -> dict[str, float]:
-        """One optimizer step of the autoencoder over `grad_accum` micro-batches, then one of the discriminators."""
+    def train_step(self, batches) -> dict:
+        """One optimizer step of the autoencoder over `grad_accum` micro-batches, then one of the discriminators.
+
+        Nothing here waits for the device: loss terms and the gradient norm stay device tensors
+        (read on logging steps), and batches are cut or copied asynchronously."""
         optim, loss_config = self.config.optim, self.config.loss
         gan_on = self.step >= loss_config.disc_start
         started = time.perf_counter()
         self._set_learning_rate()
         self.optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, float] = defaultdict(float)
+        sums: dict = defaultdict(float)
         pending = []
         for micro in range(optim.grad_accum):
             batch = next(batches)
@@ -226,7 +294,7 @@ class Trainer:
                 terms, total, reconstruction, target = self._autoencoder_pass(batch, gan_on)
                 (total / optim.grad_accum).backward()
             for name, value in terms.items():
-                sums[f"loss/{name}"] += float(value) / optim.grad_accum
+                sums[f"loss/{name}"] = sums[f"loss/{name}"] + value / optim.grad_accum
             sums[f"count/{batch['kind']}"] += len(batch["captions"])
             if gan_on:
                 pending.append((target, reconstruction, batch["kind"]))
@@ -237,10 +305,16 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.step)
         self.step += 1
-        metrics = dict(sums, **{"train/grad_norm": float(grad_norm), "train/lr": self.optimizer.param_groups[0]["lr"],
+        self.samples_seen += int(sums.get("count/video", 0) + sums.get("count/image", 0)) * self.context.world
+        metrics = dict(sums, **{"train/grad_norm": grad_norm.detach(), "train/lr": self.optimizer.param_groups[0]["lr"],
                                 "time/step": time.perf_counter() - started})
-        self.history.append(metrics)
+        self._history.append(metrics)
         return metrics
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        """The metrics of every step of this launch, as numbers (reading them waits for the device)."""
+        return [{name: float(value) for name, value in metrics.items()} for metrics in self._history]
 
     def _set_learning_rate(self) -> None:
         optim = self.config.optim
@@ -263,12 +337,14 @@ class Trainer:
 
     def _autoencoder_pass(self, batch: dict, gan_on: bool):
         """Loss terms, the objective, and the detached reconstruction and target of one micro-batch."""
-        x = to_unit_range(batch["pixels"]).to(self.device, non_blocking=True, memory_format=self.memory_format)
+        pixels = batch["pixels"].to(self.device, non_blocking=True)  # uint8: a quarter of float32's bytes
+        x = to_unit_range(pixels).contiguous(memory_format=self.memory_format)
         context, mask = self._context(batch["captions"])
         self.tap.clear()
+        engine = self.video_engine if batch["kind"] == VIDEO else self.engine
         with self._autocast():
-            out = self.engine(x, context=context, context_mask=mask,
-                              sample_posterior=self.config.model.sample_posterior, generator=self.generator)
+            out = engine(x, context=context, context_mask=mask,
+                         sample_posterior=self.config.model.sample_posterior, generator=self.generator)
             terms = self.criterion(x, out.sample, out.latent_dist.kl())
             total = terms["total"]
             if gan_on:
@@ -287,7 +363,7 @@ class Trainer:
             return torch.tensor(weight, device=self.device)
         return adaptive_weight(self.tap.weight_grad(nll), self.tap.weight_grad(g_loss)) * weight
 
-    def _discriminator_step(self, pending: list) -> float:
+    def _discriminator_step(self, pending: list) -> torch.Tensor:
         """Hinge loss on real clips against the (detached) reconstructions; returns the mean loss."""
         self.disc_optimizer.zero_grad(set_to_none=True)
         last_use = {kind: i for i, (_, _, kind) in enumerate(pending)}
@@ -297,7 +373,7 @@ class Trainer:
             with distributed.gradient_sync(engine, last_use[kind] == i), self._autocast():
                 loss = hinge_discriminator_loss(engine(real), engine(fake))
                 (loss / len(pending)).backward()
-            total += float(loss.detach()) / len(pending)
+            total = total + loss.detach() / len(pending)
         self.disc_optimizer.step()
         return total
 
@@ -316,7 +392,8 @@ class Trainer:
     # ---- reports --------------------------------------------------------------------------------
 
     def _report(self, monitor: Monitor, window: _Window) -> None:
-        means = {name: self.context.mean(value) for name, value in window.means().items()}
+        """Scalars of the steps since the last report: the one place where the loop reads the device."""
+        means = {name: self.context.mean(float(value)) for name, value in window.means().items()}
         clips = self.context.mean(window.totals.get("count/video", 0.0)) * self.context.world
         images = self.context.mean(window.totals.get("count/image", 0.0)) * self.context.world
         seconds = max(window.seconds, 1e-9)
@@ -325,8 +402,10 @@ class Trainer:
         scalars = {name: value for name, value in means.items() if not name.startswith(("count/", "time/"))}
         scalars.update({"speed/clips_per_s": clips / seconds, "speed/images_per_s": images / seconds,
                         "data/skipped_samples": sum(count for count, _ in skipped),
-                        "data/unreadable_files": len(unreadable)})
+                        "data/unreadable_files": len(unreadable), "train/samples": self.samples_seen})
         monitor.scalars(self.step, scalars)
+        monitor.summary({"loss": means.get("loss/total", math.nan)})
+        self.curve.add(self.samples_seen, self.step, {k: v for k, v in scalars.items() if k.startswith("loss/")})
         for path in sorted(set(unreadable) - self._reported):
             monitor.message(f"skipped unreadable or too short file {path}: {unreadable[path]}")
         self._reported = set(unreadable)
@@ -354,6 +433,8 @@ class Trainer:
                     pairs.append((x[0].cpu(), reconstruction[0].cpu()))
             self.model.train()
         result = {"val/psnr": sum(psnrs) / len(psnrs), "val/ssim": sum(ssims) / len(ssims)} if psnrs else {}
+        if result:
+            self.curve.add(self.samples_seen, self.step, result)
         if monitor is not None and result:
             monitor.scalars(self.step, result)
             monitor.samples(self.step, pairs[: self.config.validation.samples])
@@ -380,7 +461,8 @@ class Trainer:
                  "optimizer": optimizer_state, "discriminators": self.discriminators.state_dict(),
                  "disc_optimizer": self.disc_optimizer.state_dict(), "ema": ema_state, "rng": rng,
                  "world": self.context.world, "model_config": _plain(self.model.cfg.to_dict()),
-                 "config": self.config.to_dict(), "skipped_samples": self.skipped_samples}
+                 "config": self.config.to_dict(), "skipped_samples": self.skipped_samples,
+                 "samples_seen": self.samples_seen, "curve": self.curve.state_dict()}
         write_checkpoint(self.run_dir, self.step, state, self.config.run.keep_checkpoints)
         return state
 
@@ -396,6 +478,9 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.step, self.data_position = int(state["step"]), int(state["data_position"])
         self.skipped_samples = int(state.get("skipped_samples", 0))
+        self.samples_seen = int(state.get("samples_seen", 0))
+        if "curve" in state:
+            self.curve.load_state_dict(state["curve"])
         self.trained_seconds = float(state.get("trained_seconds", 0.0))
         if state.get("world") == self.context.world:
             self._set_rng_state(state["rng"][self.context.rank])
@@ -423,7 +508,23 @@ class Trainer:
 def _optimizer(optim, parameters: list, lr: float) -> torch.optim.Optimizer:
     if optim.optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
-    return torch.optim.Adam(parameters, lr=lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+    # fused Adam on GPUs: one kernel for all parameters, and its step counters never need reading on the host;
+    # not for FSDP's sharded parameters (DTensors), and not on CPUs, where it rounds otherwise than FSDP's Adam
+    fused = all(p.is_cuda and not hasattr(p, "device_mesh") for p in parameters)
+    return torch.optim.Adam(parameters, lr=lr, betas=tuple(optim.betas), eps=optim.eps,
+                            weight_decay=optim.weight_decay, fused=fused or None)
+
+
+def _changed_keys(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts (run.resume and run.steps aside)."""
+    changed = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += _changed_keys(old, new, f"{prefix}{key}.")
+        elif old != new and f"{prefix}{key}" not in ("run.resume", "run.steps"):
+            changed.append(f"{prefix}{key}")
+    return changed
 
 
 class _Window:
