@@ -235,7 +235,8 @@ def _convert(args: argparse.Namespace) -> None:
     from .checkpoints import convert_checkpoint
     from .device import resolve_dtype
 
-    model, report = convert_checkpoint(args.checkpoint, args.output, config=args.config, dtype=resolve_dtype(args.dtype))
+    model, report = convert_checkpoint(args.checkpoint, args.output, config=args.config,
+                                       dtype=resolve_dtype(args.dtype), overwrite=args.overwrite)
     params = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.output}: {params:,} parameters; {report.describe()}")
 
@@ -297,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("-o", "--output", required=True, help="model folder to write (config.json + safetensors)")
     convert.add_argument("--config", help="preset name or JSON file; default: read off the weights")
     convert.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="dtype of the saved weights")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace a model folder that cmvae wrote before (only its own files)")
     convert.set_defaults(run=_convert)
 
     from .evaluation_command import register as register_evaluation

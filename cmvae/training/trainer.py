@@ -186,7 +186,7 @@ class Trainer:
             if (self.step >= run.steps or self._out_of_time()) and run.export_model:
                 state = state or self.save_checkpoint()
                 if self.context.is_main:
-                    save_model(model_from_checkpoint(state, use_ema=True), self.run_dir / "model")
+                    save_model(model_from_checkpoint(state, use_ema=True), self.run_dir / "model", overwrite=True)
                     monitor.message(f"exported the trained model to {self.run_dir / 'model'}")
         finally:
             monitor.close()
