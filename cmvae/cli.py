@@ -30,6 +30,19 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        """The pipeline's defaults for the chunk and tile options left unset: imported once the command
+        line is parsed (not for --help, which ends the parsing); `pipeline_defaults` names them."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        if getattr(namespace, "pipeline_defaults", None) == []:
+            from .pipeline import PipelineSettings
+
+            defaults = PipelineSettings()
+            namespace.pipeline_defaults = [name for name in PIPELINE_OPTIONS if getattr(namespace, name) is None]
+            for name in namespace.pipeline_defaults:
+                setattr(namespace, name, getattr(defaults, name))
+        return namespace, extras
+
 
 class _HelpFormatter(argparse.HelpFormatter):
     """Shows the pipeline's defaults, imported only when help is printed (the import is slow)."""
@@ -82,6 +95,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.set_defaults(pipeline_defaults=[])  # filled in by _Parser.parse_known_args
     group = parser.add_argument_group("chunks and tiles")
     group.add_argument("--chunk-frames", type=int, help="frames per temporal chunk (x4; default %(default)s)")
     group.add_argument("--chunk-overlap", type=int,
@@ -116,9 +130,9 @@ def _pipeline(args: argparse.Namespace):
         text_encoder = load_text_encoder(args.text_encoder)
     elif args.text_encoder:
         logging.getLogger("cmvae").warning("--text-encoder ignored: the model has no text conditioning")
-    chosen = {name: getattr(args, name) for name in (*PIPELINE_OPTIONS, "chunk_overlap")}
-    settings = PipelineSettings(**{k: v for k, v in chosen.items() if v is not None}, device=args.device,
-                                dtype=args.dtype, resize=args.resize, stretch=args.stretch)
+    settings = PipelineSettings(chunk_frames=args.chunk_frames, chunk_overlap=args.chunk_overlap, tile=args.tile,
+                                tile_overlap=args.tile_overlap, tile_norm=args.tile_norm,
+                                device=args.device, dtype=args.dtype, resize=args.resize, stretch=args.stretch)
     return VideoPipeline(model, settings, text_encoder=text_encoder, progress=True)
 
 
@@ -270,7 +284,7 @@ def _decode(args: argparse.Namespace) -> None:
     refuse_overwriting_input(target, args.input)
     encoded = load_latent(args.input)
     _check_media_output(target, image=encoded.is_image)
-    if args.chunk_frames is None and "chunk_frames" in encoded.extra:  # decode with the encoder's chunking
+    if "chunk_frames" in args.pipeline_defaults and "chunk_frames" in encoded.extra:  # the encoder's chunking
         args.chunk_frames = int(encoded.extra["chunk_frames"])
         overlap = encoded.extra.get("chunk_overlap")
         args.chunk_overlap = int(overlap) if overlap is not None else args.chunk_overlap
@@ -464,11 +478,12 @@ def _one_line(error: Exception) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    name = "cmvae"
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)  # named before parsing, which can be stopped
+    name = f"cmvae {command}" if command else "cmvae"
     with _stop_signals_as_interrupts():
         try:
             args = build_parser().parse_args(argv)
-            name = f"cmvae {args.command}"
             logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
             args.run(args)
         except Terminated as stop:
