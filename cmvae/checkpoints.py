@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .files import atomic_path
+from .files import install_folder, refuse_overwriting_input, staging_folder, sweep_stale_staging, usual_mode
 from .models import PRESETS, CMVAEConfig, CrossModalVAE, preset
 
 logger = logging.getLogger(__name__)
@@ -230,9 +230,10 @@ def load_model(path: str | os.PathLike, config: ConfigLike = None, dtype: torch.
     """Load a model from a folder written by `save_pretrained` or a weights file of any supported kind.
 
     For a weights file the configuration is read off its keys unless given (a preset name, a
-    `CMVAEConfig`, a dict or a JSON file).
+    `CMVAEConfig`, a dict or a JSON file). `default` is the model shipped with cmvae, as on the
+    command line.
     """
-    path = Path(path)
+    path = _shipped_model_folder() if str(path) == "default" else Path(path)
     if path.is_dir():
         if config is not None:
             raise CheckpointError(f"{path} is a model folder with its own config.json; do not pass a config")
@@ -255,10 +256,7 @@ def resolve_model(spec: str | os.PathLike = "default", config: ConfigLike = None
     """A model from `default` (the shipped model), a model folder or weights file, or a preset name
     (fresh random weights: for benchmarks and tests)."""
     if str(spec) == "default":
-        if not (DEFAULT_MODEL_DIR / "config.json").is_file():
-            raise CheckpointError("this installation ships no default model; pass --model with a model folder, "
-                                  "a checkpoint or a preset name")
-        return load_model(DEFAULT_MODEL_DIR, dtype=dtype)
+        return load_model("default", dtype=dtype)
     path = Path(spec)
     if path.exists():
         return load_model(path, config=config, dtype=dtype)
@@ -268,29 +266,96 @@ def resolve_model(spec: str | os.PathLike = "default", config: ConfigLike = None
     raise CheckpointError(f"no model at {spec}: not a file, a folder or a preset name ({', '.join(PRESETS)})")
 
 
+def _shipped_model_folder() -> Path:
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        raise CheckpointError("this installation ships no default model; pass --model with a model folder, "
+                              "a checkpoint or a preset name")
+    return DEFAULT_MODEL_DIR
+
+
 def load_pretrained(folder: Path, dtype: torch.dtype = torch.float32) -> CrossModalVAE:
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} is not a model folder: it has no config.json")
     try:
         return CrossModalVAE.from_pretrained(folder, torch_dtype=dtype, low_cpu_mem_usage=False)
-    except (OSError, ValueError, RuntimeError) as error:
+    except (OSError, ValueError, TypeError, RuntimeError) as error:  # TypeError: a value of the wrong type
         raise CheckpointError(f"cannot load the model folder {folder}: {error}") from None
 
 
-def save_model(model: CrossModalVAE, folder: str | os.PathLike) -> Path:
-    """`save_pretrained` into a temporary folder beside `folder`, then rename: never a half-written folder."""
-    folder = Path(folder)
+MODEL_FILES_KEY = "_cmvae_files"  # in config.json: the files of a model folder that cmvae wrote
+
+
+def save_model(model: CrossModalVAE, folder: str | os.PathLike, overwrite: bool = False) -> Path:
+    """`save_pretrained` into a temporary folder, then put it in place: never a half-written folder.
+
+    A folder that exists must be empty, or a model folder that cmvae wrote and `overwrite` given;
+    then only the files cmvae wrote there are replaced, and the user's other files stay."""
+    folder = Path(os.path.abspath(folder))
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"{folder} exists and is not a folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder, directory=True) as staging:
+    sweep_stale_staging(folder)  # what a killed save left there does not make the folder the user's
+    replaced = _replaceable_files(folder, overwrite)
+    with staging_folder(folder) as staging:
         model.save_pretrained(staging)
+        _mark_as_ours(staging)
+        install_folder(staging, folder, replaced)
     return folder
 
 
+def _replaceable_files(folder: Path, overwrite: bool) -> list[str]:
+    """The files of `folder` that saving a model there may replace; raises where it may not write."""
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return []
+    owned = _files_we_wrote(folder)
+    if owned is None:
+        raise CheckpointError(f"{folder} exists, is not empty and is not a model folder written by cmvae; "
+                              "choose a new folder (nothing was written)")
+    if not overwrite:
+        raise CheckpointError(f"{folder} holds a model written by cmvae; pass --overwrite to replace it (only its "
+                              f"{', '.join(owned)} are replaced)")
+    return owned
+
+
+MODEL_FILES = ["config.json", "diffusion_pytorch_model.safetensors"]
+
+
+def _files_we_wrote(folder: Path) -> list[str] | None:
+    """The files cmvae wrote in a model folder, as its config.json lists them; a folder from before that
+    list existed counts only when it holds nothing but a CrossModalVAE's two files."""
+    try:
+        values = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(values, dict):
+        return None
+    files = values.get(MODEL_FILES_KEY)
+    if files is None and values.get("_class_name") == "CrossModalVAE":
+        return MODEL_FILES if sorted(p.name for p in folder.iterdir()) == MODEL_FILES else None
+    if not isinstance(files, list) or not all(_plain_file_name(f) for f in files):
+        return None
+    return files
+
+
+def _plain_file_name(name) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
+
+
+def _mark_as_ours(staging: Path) -> None:
+    """List the files in config.json (what a later `overwrite` may replace), with the usual permissions."""
+    config_path = staging / "config.json"
+    values = json.loads(config_path.read_text(encoding="utf-8"))
+    values[MODEL_FILES_KEY] = sorted(p.name for p in staging.iterdir())
+    config_path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    for path in staging.iterdir():
+        os.chmod(path, usual_mode())
+
+
 def convert_checkpoint(source: str | os.PathLike, folder: str | os.PathLike, config: ConfigLike = None,
-                       dtype: torch.dtype = torch.float32) -> tuple[CrossModalVAE, LoadReport]:
+                       dtype: torch.dtype = torch.float32, overwrite: bool = False) -> tuple[CrossModalVAE, LoadReport]:
     """Turn a released `.ckpt` (or any supported weights file) into a model folder."""
+    for name in MODEL_FILES:
+        refuse_overwriting_input(Path(folder) / name, source)
     model, report = model_from_state_dict(read_state_dict(source), config, dtype=dtype)
-    save_model(model, folder)
+    save_model(model, folder, overwrite=overwrite)
     return model, report

@@ -1,18 +1,59 @@
-"""The `cmvae` command line: a thin layer over the Python API."""
+"""The `cmvae` command line: a thin layer over the Python API.
+
+Only the standard library is imported before a command runs, so that `cmvae --help` is quick and
+Ctrl-C (or SIGTERM, SIGHUP) at any moment ends the command with one line.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+PIPELINE_OPTIONS = ("chunk_frames", "tile", "tile_overlap", "tile_norm")  # defaults: PipelineSettings'
 
 
 class CommandError(Exception):
     """An error the user can fix; reported in one line with a non-zero exit."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad command line in one line, like every other error (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        """The pipeline's defaults for the chunk and tile options left unset: imported once the command
+        line is parsed (not for --help, which ends the parsing); `pipeline_defaults` names them."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        if getattr(namespace, "pipeline_defaults", None) == []:
+            from .pipeline import PipelineSettings
+
+            defaults = PipelineSettings()
+            namespace.pipeline_defaults = [name for name in PIPELINE_OPTIONS if getattr(namespace, name) is None]
+            for name in namespace.pipeline_defaults:
+                setattr(namespace, name, getattr(defaults, name))
+        return namespace, extras
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows the pipeline's defaults, imported only when help is printed (the import is slow)."""
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        if action.dest in PIPELINE_OPTIONS and action.default is None:
+            from .pipeline import PipelineSettings
+
+            action = copy.copy(action)
+            action.default = getattr(PipelineSettings(), action.dest)
+        return super()._expand_help(action)
 
 
 # ---- shared options --------------------------------------------------------------------------------
@@ -20,12 +61,23 @@ class CommandError(Exception):
 
 def _resize(value: str):
     try:
-        if "x" in value:
-            width, height = (int(v) for v in value.lower().split("x"))
-            return width, height
-        return int(value)
+        sizes = [int(v) for v in value.lower().split("x")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--resize takes N (shorter side) or WxH, got {value!r}") from None
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected N (shorter side) or WxH, positive whole numbers; "
+                                         f"got {value!r}")
+    return sizes[0] if len(sizes) == 1 else tuple(sizes)
+
+
+def positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value!r}")
+    return number
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -43,18 +95,15 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    from .pipeline import PipelineSettings
-    from .tiling import NORM_MODES
-
-    d = PipelineSettings()
+    parser.set_defaults(pipeline_defaults=[])  # filled in by _Parser.parse_known_args
     group = parser.add_argument_group("chunks and tiles")
-    group.add_argument("--chunk-frames", type=int, default=d.chunk_frames, help="frames per temporal chunk (x4)")
-    group.add_argument("--chunk-overlap", type=int, default=d.chunk_overlap,
+    group.add_argument("--chunk-frames", type=int, help="frames per temporal chunk (x4; default %(default)s)")
+    group.add_argument("--chunk-overlap", type=int,
                        help="frames shared by consecutive chunks, cross-faded (x4; default 4, or 0 for chunks "
                             "shorter than 8 frames)")
-    group.add_argument("--tile", type=int, default=d.tile, help="spatial tile side in pixels, 0 = never tile")
-    group.add_argument("--tile-overlap", type=int, default=d.tile_overlap, help="tile overlap in pixels")
-    group.add_argument("--tile-norm", choices=NORM_MODES, default=d.tile_norm,
+    group.add_argument("--tile", type=int, help="spatial tile side in pixels, 0 = never tile (default %(default)s)")
+    group.add_argument("--tile-overlap", type=int, help="tile overlap in pixels (default %(default)s)")
+    group.add_argument("--tile-norm", metavar="{exact,first-pass,per-tile}",
                        help="GroupNorm statistics in tiles: exact (the whole frame's: tiled output equals untiled "
                             "output, several passes), first-pass (approximate, two passes) or per-tile (one pass, "
                             "visible seams); see docs/benchmarks.md (default: %(default)s)")
@@ -95,10 +144,15 @@ def _encode_settings(args: argparse.Namespace):
     return EncodeSettings(crf=args.crf, lossless=args.lossless)
 
 
-def _caption(args: argparse.Namespace, media: Path) -> str:
-    """--caption, else --caption-file, else a same-name .txt beside the media, else empty."""
+def _caption(args: argparse.Namespace, media: Path, model) -> str | None:
+    """--caption, else --caption-file, else a same-name .txt beside the media, else empty; nothing is
+    read for a model without text conditioning."""
     from .datasets import caption_beside
 
+    if not model.cfg.has_text:
+        if args.caption is not None or args.caption_file:
+            logging.getLogger("cmvae").warning("caption ignored: the model has no text conditioning")
+        return None
     if args.caption is not None:
         return args.caption
     if args.caption_file:
@@ -106,6 +160,8 @@ def _caption(args: argparse.Namespace, media: Path) -> str:
             return Path(args.caption_file).read_text(encoding="utf-8").strip()
         except OSError as error:
             raise CommandError(f"cannot read --caption-file {args.caption_file}: {error.strerror}") from None
+        except UnicodeDecodeError:
+            raise CommandError(f"--caption-file {args.caption_file} is not UTF-8 text") from None
     return caption_beside(media)
 
 
@@ -118,42 +174,78 @@ def _add_caption_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _reconstruct(args: argparse.Namespace) -> None:
-    from .video_io import is_image_path, list_media
-
     source = Path(args.input)
-    if source.is_dir():
-        files = list_media(source)
-        if not files:
-            raise CommandError(f"{source} holds no videos or images")
-        out_dir = Path(args.output) if args.output else source.with_name(source.name + "_reconstructed")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        targets = [out_dir / _reconstructed_name(f) for f in files]
-    else:
-        if not source.exists():
-            raise CommandError(f"{source}: no such file or folder")
-        files = [source]
-        default = source.with_name(_reconstructed_name(source))
-        targets = [Path(args.output) if args.output else default]
+    jobs = _folder_jobs(args, source) if source.is_dir() else [_file_job(args, source)]
     pipe = _pipeline(args)
     settings = _encode_settings(args)
     failures = []
-    for media, target in zip(files, targets):
-        if is_image_path(target) != is_image_path(media):
-            target = target.with_suffix(".png" if is_image_path(media) else ".mp4")
+    for media, target in jobs:
+        side_by_side = _side_by_side_path(target) if args.side_by_side else None
         try:
-            info = pipe.reconstruct(media, target, caption=_caption(args, media), side_by_side=args.side_by_side,
-                                    encode_settings=settings)
+            info = pipe.reconstruct(media, target, caption=_caption(args, media, pipe.model),
+                                    side_by_side=side_by_side, encode_settings=settings)
         except ValueError as error:  # MediaError and friends: report, go on with the other files
-            if len(files) == 1:
+            if len(jobs) == 1:
                 raise
             failures.append(str(error))
             print(f"cmvae reconstruct: skipped: {error}", file=sys.stderr)
             continue
         for note in info.notes:
             print(f"note: {media.name}: {note}", file=sys.stderr)
-        print(f"wrote {target}")
+        print(f"wrote {target}" + (f" and {side_by_side}" if side_by_side else ""))
     if failures:
-        raise CommandError(f"{len(failures)} of {len(files)} inputs failed")
+        raise CommandError(f"{len(failures)} of {len(jobs)} inputs failed")
+
+
+def _file_job(args: argparse.Namespace, source: Path) -> tuple[Path, Path]:
+    """The input file and its output, both checked before the model loads."""
+    from .files import refuse_overwriting_input
+    from .video_io import is_image_path
+
+    if not source.exists():
+        raise CommandError(f"{source}: no such file or folder")
+    target = _output_path(args) or source.with_name(_reconstructed_name(source))
+    _check_media_output(target, image=is_image_path(source))
+    outputs = [target, _side_by_side_path(target)] if args.side_by_side else [target]
+    for output in outputs:
+        refuse_overwriting_input(output, source)
+    return source, target
+
+
+def _folder_jobs(args: argparse.Namespace, source: Path) -> list[tuple[Path, Path]]:
+    """Each file of an input folder and its output in the output folder, which must be another folder."""
+    from .files import refuse_overwriting_input
+    from .video_io import list_media
+
+    files = list_media(source)
+    if not files:
+        raise CommandError(f"{source} holds no videos or images")
+    out_dir = _output_path(args) or source.with_name(source.name + "_reconstructed")
+    refuse_overwriting_input(out_dir, source)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [(f, out_dir / _reconstructed_name(f)) for f in files]
+
+
+def _output_path(args: argparse.Namespace) -> Path | None:
+    if args.output is None:
+        return None
+    if not args.output.strip():
+        raise CommandError("-o/--output is empty; give the name of the file to write")
+    return Path(args.output)
+
+
+def _check_media_output(target: Path, image: bool) -> None:
+    """An output named for what it will hold: an image (.png, .jpg) or a video (.mp4, .mkv, ...)."""
+    from .video_io import WRITABLE_VIDEO_SUFFIXES, is_image_path, output_name_problem
+
+    problem = output_name_problem(target)
+    if problem:
+        raise CommandError(problem)
+    if is_image_path(target) and not image:
+        raise CommandError(f"cannot write {target}: the output is a video, and {target.suffix} is an image "
+                           f"format; use {', '.join(sorted(WRITABLE_VIDEO_SUFFIXES))}")
+    if image and not is_image_path(target):
+        raise CommandError(f"cannot write {target}: the output is an image; use .png or .jpg")
 
 
 def _reconstructed_name(media: Path) -> str:
@@ -162,26 +254,41 @@ def _reconstructed_name(media: Path) -> str:
     return f"{media.stem}_reconstructed{'.png' if is_image_path(media) else '.mp4'}"
 
 
+def _side_by_side_path(target: Path) -> Path:
+    """clip_reconstructed.mp4 -> clip_side_by_side.mp4 (as `cmvae demo` names them); out.mp4 -> out_side_by_side.mp4."""
+    stem = target.stem.removesuffix("_reconstructed")
+    return target.with_name(f"{stem}_side_by_side{target.suffix}")
+
+
 def _encode(args: argparse.Namespace) -> None:
+    from .files import refuse_overwriting_input
     from .pipeline import save_latent
 
+    source, target = Path(args.input), _output_path(args)
+    if target.suffix.lower() != ".safetensors":
+        raise CommandError(f"cannot write {target}: latent files are .safetensors; name the output "
+                           f"{target.stem or 'latent'}.safetensors")
+    refuse_overwriting_input(target, source)
     pipe = _pipeline(args)
-    encoded = pipe.encode(args.input, caption=_caption(args, Path(args.input)))
-    save_latent(encoded, args.output)
-    print(f"wrote {args.output}: latent {tuple(encoded.latent.shape)} for {encoded.frames} frame(s) of "
+    encoded = pipe.encode(source, caption=_caption(args, source, pipe.model))
+    save_latent(encoded, target)
+    print(f"wrote {target}: latent {tuple(encoded.latent.shape)} for {encoded.frames} frame(s) of "
           f"{encoded.width}x{encoded.height} at {float(encoded.fps):g} fps")
 
 
 def _decode(args: argparse.Namespace) -> None:
+    from .files import refuse_overwriting_input
     from .pipeline import load_latent
 
+    target = _output_path(args)
+    refuse_overwriting_input(target, args.input)
     encoded = load_latent(args.input)
-    if args.chunk_frames == 16 and "chunk_frames" in encoded.extra:  # decode with the encoder's chunking
+    _check_media_output(target, image=encoded.is_image)
+    if "chunk_frames" in args.pipeline_defaults and "chunk_frames" in encoded.extra:  # the encoder's chunking
         args.chunk_frames = int(encoded.extra["chunk_frames"])
         overlap = encoded.extra.get("chunk_overlap")
         args.chunk_overlap = int(overlap) if overlap is not None else args.chunk_overlap
     pipe = _pipeline(args)
-    target = Path(args.output)
     pipe.decode(encoded, target, encode_settings=_encode_settings(args))
     print(f"wrote {target}")
 
@@ -189,26 +296,31 @@ def _decode(args: argparse.Namespace) -> None:
 def _encode_dataset(args: argparse.Namespace) -> None:
     from .datasets import list_items
     from .encode_dataset import encode_dataset, write_latent_stats
+    from .files import refuse_overwriting_input
 
-    items = list_items(args.dataset)
+    refuse_overwriting_input(args.output, args.dataset)
     rank, world = _distributed_rank()
     if args.device == "auto" and world > 1:
         import torch
 
         if torch.cuda.is_available():
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+    items = list_items(args.dataset)
     pipe = _pipeline(args)
     pipe.progress = False
     report = encode_dataset(pipe, items, args.output, shard_size=args.shard_size, store_logvar=args.store_logvar,
                             rank=rank, world_size=world)
+    for failure in report.failed:
+        print(f"failed: {failure}", file=sys.stderr)
     _barrier(world)
     if rank == 0:
         stats = write_latent_stats(args.output)
         print(f"wrote latent statistics to {stats}")
     print(f"rank {rank}/{world}: encoded {report.encoded}, already done {report.skipped_done}, "
           f"failed {len(report.failed)}, shards {len(report.shards)}")
-    for failure in report.failed:
-        print(f"failed: {failure}", file=sys.stderr)
+    if report.failed and not args.allow_failures:
+        raise CommandError(f"{len(report.failed)} items failed (listed above); run the command again to retry "
+                           "them, or pass --allow-failures")
 
 
 def _distributed_rank() -> tuple[int, int]:
@@ -235,7 +347,8 @@ def _convert(args: argparse.Namespace) -> None:
     from .checkpoints import convert_checkpoint
     from .device import resolve_dtype
 
-    model, report = convert_checkpoint(args.checkpoint, args.output, config=args.config, dtype=resolve_dtype(args.dtype))
+    model, report = convert_checkpoint(args.checkpoint, args.output, config=args.config,
+                                       dtype=resolve_dtype(args.dtype), overwrite=args.overwrite)
     params = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.output}: {params:,} parameters; {report.describe()}")
 
@@ -250,22 +363,24 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cmvae", description="Cross-modal Video VAE: encode, decode, reconstruct.")
+    parser = _Parser(prog="cmvae", description="Cross-modal Video VAE: encode, decode, reconstruct.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    rec = commands.add_parser("reconstruct", help="encode and decode a video, image or folder of them")
+    runs = dict(formatter_class=_HelpFormatter)
+    rec = commands.add_parser("reconstruct", help="encode and decode a video, image or folder of them", **runs)
     rec.add_argument("input", help="video, image or folder")
     rec.add_argument("-o", "--output", help="output file (folder for a folder input); default: "
                                             "<name>_reconstructed.mp4 beside the input")
-    rec.add_argument("--side-by-side", action="store_true", help="input and output next to each other")
+    rec.add_argument("--side-by-side", action="store_true",
+                     help="also write <name>_side_by_side.mp4 beside the output: input and output next to each other")
     _add_caption_options(rec)
     _add_model_options(rec)
     _add_run_options(rec)
     _add_output_options(rec)
     rec.set_defaults(run=_reconstruct)
 
-    enc = commands.add_parser("encode", help="encode a video or image into a latent file (safetensors)")
+    enc = commands.add_parser("encode", help="encode a video or image into a latent file (safetensors)", **runs)
     enc.add_argument("input", help="video or image")
     enc.add_argument("-o", "--output", required=True, help="latent file to write (.safetensors)")
     _add_caption_options(enc)
@@ -273,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(enc)
     enc.set_defaults(run=_encode)
 
-    dec = commands.add_parser("decode", help="decode a latent file back to a video or image")
+    dec = commands.add_parser("decode", help="decode a latent file back to a video or image", **runs)
     dec.add_argument("input", help="latent file written by `cmvae encode`")
     dec.add_argument("-o", "--output", required=True, help="video (.mp4) or image (.png) to write")
     _add_model_options(dec)
@@ -282,10 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     dec.set_defaults(run=_decode)
 
     ds = commands.add_parser("encode-dataset", help="encode a folder, list or CSV into latent shards (resumable; "
-                                                    "run under torchrun to split across processes)")
+                                                    "run under torchrun to split across processes)", **runs)
     ds.add_argument("dataset", help="folder of videos/images (captions in same-name .txt), .txt list, .csv or .jsonl")
     ds.add_argument("-o", "--output", required=True, help="output folder for the shards and latent_stats.json")
-    ds.add_argument("--shard-size", type=int, default=32, help="items per shard")
+    ds.add_argument("--shard-size", type=positive_int, default=32, help="items per shard (default 32)")
+    ds.add_argument("--allow-failures", action="store_true",
+                    help="exit 0 even when some items cannot be encoded (they are retried by the next run)")
     ds.add_argument("--store-logvar", action="store_true",
                     help="also store the posterior log-variance, to sample latents later")
     _add_model_options(ds)
@@ -297,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("-o", "--output", required=True, help="model folder to write (config.json + safetensors)")
     convert.add_argument("--config", help="preset name or JSON file; default: read off the weights")
     convert.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="dtype of the saved weights")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace a model folder that cmvae wrote before (only its own files)")
     convert.set_defaults(run=_convert)
 
     from .evaluation_command import register as register_evaluation
@@ -314,22 +433,70 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .checkpoints import CheckpointError
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: stop as on Ctrl-C, removing unfinished outputs on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame) -> None:
+    for stop in (signal.SIGTERM, signal.SIGHUP):  # a second signal must not cut the clean-up short
+        signal.signal(stop, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _stop_signals_as_interrupts():
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = {stop: signal.signal(stop, _terminate) for stop in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
+
+
+def _user_error(error: Exception) -> bool:
+    """An error to report in one line; anything else is a bug and keeps its traceback."""
+    if isinstance(error, (CommandError, ValueError, OSError)):
+        return True
     from .text import TextEncoderUnavailable
 
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    try:
-        args.run(args)
-    except (CommandError, CheckpointError, TextEncoderUnavailable, ValueError, OSError) as error:
-        message = str(error) if not isinstance(error, OSError) or not error.strerror else \
-            f"{error.filename or ''}: {error.strerror}".lstrip(": ")
-        print(f"cmvae {args.command}: error: {message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"cmvae {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return isinstance(error, TextEncoderUnavailable)
+
+
+def _one_line(error: Exception) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        message = f"{error.filename or ''}: {error.strerror}".lstrip(": ")
+    else:
+        message = str(error) or type(error).__name__
+    return " ".join(message.split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)  # named before parsing, which can be stopped
+    name = f"cmvae {command}" if command else "cmvae"
+    with _stop_signals_as_interrupts():
+        try:
+            args = build_parser().parse_args(argv)
+            logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+            args.run(args)
+        except Terminated as stop:
+            print(f"{name}: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
+            return 128 + stop.signum
+        except KeyboardInterrupt:
+            print(f"{name}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as error:  # noqa: BLE001 - user errors in one line, bugs with their traceback
+            if not _user_error(error):
+                raise
+            print(f"{name}: error: {_one_line(error)}", file=sys.stderr)
+            return 1
     return 0
 
 

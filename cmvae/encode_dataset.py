@@ -3,7 +3,8 @@
 Each rank takes the items whose index is its rank modulo the world size and writes shards
 `shard-r<rank>-<first item>.safetensors` of up to `shard_size` items, each written under a
 temporary name and renamed when complete. A run that finds shards in its output folder skips the
-items they hold, so a killed run continues where it stopped. When every rank is done, rank 0
+items they hold (matched by index and path: a changed list is refused), so a killed run continues
+where it stopped; items that failed are in no shard, and the next run tries them again. When every rank is done, rank 0
 writes `latent_stats.json`: per-channel mean and standard deviation of the latents and a single
 scaling factor (1 / overall standard deviation), as diffusion training normalises with them.
 """
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -38,21 +39,38 @@ class EncodeReport:
 
 
 def _shard_items(path: Path) -> tuple[list[dict], dict]:
-    with safe_open(str(path), "pt") as handle:
-        meta = handle.metadata() or {}
-    return json.loads(meta.get("items", "[]")), meta
+    try:
+        with safe_open(str(path), "pt") as handle:
+            meta = handle.metadata() or {}
+        items = json.loads(meta.get("items", "[]"))
+        if not all(isinstance(item, dict) and isinstance(item.get("index"), int) for item in items):
+            raise ValueError("items without an index")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is damaged or not a shard of `cmvae encode-dataset` ({error}); move it away and "
+                         "run again: its items are encoded again") from None
+    return items, meta
 
 
-def finished_indices(out_dir: Path, fingerprint: str) -> set[int]:
-    """Items already in complete shards (encoded or recorded as failed)."""
-    done = set()
+def finished_items(out_dir: Path, fingerprint: str) -> dict[int, str]:
+    """Item index -> path of the items already encoded in complete shards (failed items are not
+    finished: a new run tries them again)."""
+    done = {}
     for shard in sorted(out_dir.glob("shard-*.safetensors")):
         items, meta = _shard_items(shard)
         if meta.get("model_fingerprint") != fingerprint:
             raise ValueError(f"{shard} was written by another model (fingerprint {meta.get('model_fingerprint')}, "
                              f"this model is {fingerprint}); use an empty output folder")
-        done.update(item["index"] for item in items)
+        done.update((item["index"], item.get("path")) for item in items if "error" not in item)
     return done
+
+
+def _check_same_items(done: dict[int, str], items: list[MediaItem], out_dir: Path) -> None:
+    """Finished items must be the list's items at the same places: an edited list is refused."""
+    for item in items:
+        if item.index in done and done[item.index] != str(item.path):
+            raise ValueError(f"{out_dir} holds item {item.index} as {done[item.index]}, but the list now has "
+                             f"{item.path} there: the list changed since those shards were written; use a new "
+                             "output folder")
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path, rank: int) -> None:
@@ -73,7 +91,8 @@ def encode_dataset(pipe: VideoPipeline, items: list[MediaItem], out_dir: str | o
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(out_dir, rank)
-    done = finished_indices(out_dir, pipe.fingerprint)
+    done = finished_items(out_dir, pipe.fingerprint)
+    _check_same_items(done, items, out_dir)
     mine = [item for item in items if item.index % world_size == rank]
     todo = [item for item in mine if item.index not in done]
     report = EncodeReport(skipped_done=len(mine) - len(todo))
@@ -83,17 +102,16 @@ def encode_dataset(pipe: VideoPipeline, items: list[MediaItem], out_dir: str | o
         record = {"index": item.index, "path": str(item.path), "caption": item.caption}
         try:
             encoded = pipe.encode(item.path, caption=item.caption)
-        except MediaError as error:
-            records.append({**record, "error": str(error)})
+        except MediaError as error:  # not written to a shard: the next run tries the item again
             report.failed.append(f"{item.path}: {error}")
-        else:
-            key = f"{item.index:08d}"
-            tensors[f"{key}.latent"] = encoded.latent[0].contiguous()
-            if store_logvar:
-                tensors[f"{key}.logvar"] = encoded.logvar[0].contiguous()
-            records.append({**record, "fps": str(encoded.fps), "width": encoded.width, "height": encoded.height,
-                            "frames": encoded.frames, "is_image": encoded.is_image})
-            report.encoded += 1
+            continue
+        key = f"{item.index:08d}"
+        tensors[f"{key}.latent"] = encoded.latent[0].contiguous()
+        if store_logvar:
+            tensors[f"{key}.logvar"] = encoded.logvar[0].contiguous()
+        records.append({**record, "fps": str(encoded.fps), "width": encoded.width, "height": encoded.height,
+                        "frames": encoded.frames, "is_image": encoded.is_image})
+        report.encoded += 1
         if len(records) == shard_size:
             report.shards.append(_write_shard(out_dir, tensors, records, pipe.fingerprint, rank))
             tensors, records = {}, []
@@ -103,7 +121,11 @@ def encode_dataset(pipe: VideoPipeline, items: list[MediaItem], out_dir: str | o
 
 
 def _write_shard(out_dir: Path, tensors: dict, records: list[dict], fingerprint: str, rank: int) -> str:
-    path = out_dir / f"shard-r{rank:02d}-{records[0]['index']:08d}.safetensors"
+    name = f"shard-r{rank:02d}-{records[0]['index']:08d}"
+    path, copy = out_dir / f"{name}.safetensors", 1
+    while path.exists():  # a shard of an older version that began with a failed item
+        copy += 1
+        path = out_dir / f"{name}-{copy}.safetensors"
     metadata = {"format": SHARD_FORMAT, "model_fingerprint": fingerprint, "items": json.dumps(records)}
     _atomic_save(tensors, metadata, path, rank)
     return path.name

@@ -1,7 +1,7 @@
 """The `cmvae eval` and `cmvae compare` commands.
 
-`register(subparsers)` adds both to the `cmvae` command line; `python -m cmvae.evaluation_command`
-runs them on their own.
+`register(subparsers)` adds both to the `cmvae` command line; `python -m cmvae.evaluation_command eval ...`
+is the same as `cmvae eval ...` (also under `torchrun`).
 """
 
 from __future__ import annotations
@@ -9,13 +9,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
-import torch
+EVAL_REPORT_FILES = ("report.json", "per_frame.csv", "per_video.csv", "pooled.csv", "report.md", "worst_frames.png")
+COMPARE_REPORT_FILES = ("compare.json", "compare.csv", "compare.md", "compare.png")
 
-from .device import resolve_device, resolve_dtype
 
+def _device(name: str):
+    import torch
 
-def _device(name: str) -> torch.device:
+    from .device import resolve_device
+
     device = resolve_device(name)
     local_rank = os.environ.get("LOCAL_RANK")
     if device.type == "cuda" and device.index is None and local_rank is not None:
@@ -36,7 +40,7 @@ def _text_encoder(name: str | None):
     return load_text_encoder(name) if name else None
 
 
-def _pipeline_settings(args: argparse.Namespace, device: torch.device):
+def _pipeline_settings(args: argparse.Namespace, device):
     """The pipeline's defaults, except what the user set."""
     from .pipeline import PipelineSettings
 
@@ -44,7 +48,7 @@ def _pipeline_settings(args: argparse.Namespace, device: torch.device):
     return PipelineSettings(device=str(device), dtype=args.dtype, **{k: v for k, v in chosen.items() if v is not None})
 
 
-def load_our_model(spec: str, config: str | None, device: torch.device, dtype: torch.dtype):
+def load_our_model(spec: str, config: str | None, device, dtype):
     """Our model from `default`, a model folder, a weights file or a preset name (random weights); and a note."""
     from .checkpoints import resolve_model
     from .models import PRESETS
@@ -55,10 +59,12 @@ def load_our_model(spec: str, config: str | None, device: torch.device, dtype: t
 
 
 def run_eval(args: argparse.Namespace) -> None:
+    from .device import resolve_dtype
     from .evaluation import (EvalSettings, evaluate_folders, evaluate_model, is_main_rank, pipeline_reconstructor,
                              prepare_lpips, read_dataset, write_reports)
 
     _check_eval_arguments(args)
+    _refuse_reports_over_inputs(args.output, EVAL_REPORT_FILES, args.ground_truth, args.reconstructions)
     settings = EvalSettings(float_scoring=args.float, max_frames=args.max_frames, chunk_frames=args.chunk_frames,
                             reencode_crf=args.reencode_crf, worst_frames=args.worst_frames)
     device = _device(args.device)
@@ -99,8 +105,10 @@ def _check_eval_arguments(args: argparse.Namespace) -> None:
 
 def run_compare(args: argparse.Namespace) -> None:
     from .compare import CompareSettings, compare, write_reports
+    from .device import resolve_dtype
     from .evaluation import prepare_lpips, read_dataset
 
+    _refuse_reports_over_inputs(args.output, COMPARE_REPORT_FILES, args.clips)
     device = _device(args.device)
     settings = CompareSettings(device=str(device), dtype=resolve_dtype(args.dtype), chunk_frames=args.chunk_frames,
                                warmup=args.warmup, max_frames=args.max_frames, float_scoring=args.float)
@@ -120,8 +128,19 @@ def run_compare(args: argparse.Namespace) -> None:
     print(f"reports written to {args.output}")
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-o", "--output", required=True, help="folder for the reports (created if missing)")
+def _refuse_reports_over_inputs(folder: str, report_files: tuple[str, ...], *inputs: str | None) -> None:
+    """The reports go into a folder of their own: not an input folder, and over no input file."""
+    from .files import refuse_overwriting_input
+
+    for source in filter(None, inputs):
+        refuse_overwriting_input(folder, source)
+        for name in report_files:
+            refuse_overwriting_input(Path(folder) / name, source)
+
+
+def _common(parser: argparse.ArgumentParser, default_output: str) -> None:
+    parser.add_argument("-o", "--output", default=default_output,
+                        help="folder for the reports (created if missing; default: %(default)s)")
     parser.add_argument("--max-frames", type=int, help="score only the first N frames of each video")
     parser.add_argument("--float", action="store_true",
                         help="score in-memory reconstructions as floats (default: rounded to 8 bits like a saved file)")
@@ -160,7 +179,7 @@ def register(subparsers) -> None:
                                                            "and score the decoded file")
     evaluate.add_argument("--worst-frames", type=int, default=4, help="frames shown in worst_frames.png (default 4)")
     evaluate.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
-    _common(evaluate)
+    _common(evaluate, "eval_report")
     evaluate.set_defaults(run=run_eval)
 
     comparison = subparsers.add_parser(
@@ -174,24 +193,15 @@ def register(subparsers) -> None:
                                  "AutoencoderKL)")
     comparison.add_argument("--chunk-frames", type=int, default=16, help="our models' chunk length (default 16)")
     comparison.add_argument("--warmup", type=int, default=1, help="untimed runs per model before timing (default 1)")
-    _common(comparison)
+    _common(comparison, "compare_report")
     comparison.set_defaults(run=run_compare)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoints import CheckpointError
-    from .cli import CommandError
-    from .text import TextEncoderUnavailable
+    """`cmvae` itself: `python -m cmvae.evaluation_command eval ...` is `cmvae eval ...`."""
+    from .cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="cmvae", description="Evaluate and compare video autoencoders.")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        args.run(args)
-    except (CommandError, CheckpointError, TextEncoderUnavailable, ValueError, OSError) as error:
-        print(f"cmvae {args.command}: error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ GroupNorm statistics shared over the frame), and reads and writes files a chunk 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections import deque
@@ -23,11 +24,11 @@ from tqdm.auto import tqdm
 
 from .chunking import ChunkSettings, window_starts, windowed_map
 from .device import preferred_memory_format, resolve_device, resolve_dtype
-from .files import atomic_path
+from .files import atomic_path, refuse_overwriting_input
 from .models import CrossModalVAE
 from .models.spatial import LocalMap
 from .tiling import TileSettings, tiled_apply
-from .video_io import EncodeSettings, MediaInfo, VideoWriter, iter_chunks, probe
+from .video_io import DecodeLog, EncodeSettings, MediaInfo, VideoWriter, iter_chunks, probe
 
 LATENT_FORMAT = "cmvae-latent-1"
 
@@ -77,6 +78,11 @@ class EncodedVideo:
     model_fingerprint: str = ""
     extra: dict = field(default_factory=dict)
     logvar: torch.Tensor | None = None  # the posterior's log-variance, to sample latents later
+
+    @property
+    def display_matrix(self) -> tuple[int, ...] | None:
+        """The source video's rotation (`cmvae.video_io.DecodeLog`), where it had one."""
+        return _matrix_from_text(self.extra.get("display_matrix"))
 
     def metadata(self) -> dict[str, str]:
         values = {"format": LATENT_FORMAT, "fps": str(self.fps), "width": str(self.width),
@@ -341,16 +347,24 @@ class VideoPipeline:
     # ---- files --------------------------------------------------------------------------------
 
     def reconstruct(self, source: str | Path, target: str | Path, caption: str | None = None,
-                    side_by_side: bool = False, encode_settings: EncodeSettings | None = None) -> MediaInfo:
-        """Reconstruct a video or image file into `target`, keeping size, frame count and frame rate."""
+                    side_by_side: str | Path | None = None, encode_settings: EncodeSettings | None = None
+                    ) -> MediaInfo:
+        """Reconstruct a video or image file into `target`, keeping size, frame count, frame rate and
+        rotation; with `side_by_side` (a path), also write the input and the output next to each other.
+        What decoding met (a damaged file, variable frame rate) is added to the returned `notes`."""
+        for output in filter(None, (target, side_by_side)):
+            refuse_overwriting_input(output, source)
         info = probe(source)
         if info.is_image:
             frames = next(iter_chunks(source, 1))
             out = to_uint8(self.reconstruct_array(frames, caption))
-            with VideoWriter(target, info.fps, encode_settings) as writer:
-                writer.write(self._side_by_side(frames, out) if side_by_side else out)
+            with contextlib.ExitStack() as stack:
+                writer, pair = self._writers(stack, target, side_by_side, info.fps, encode_settings)
+                writer.write(out)
+                if pair is not None:
+                    pair.write(self._side_by_side(frames, out))
             return info
-        counter = _FrameCounter()
+        counter, log = _FrameCounter(), DecodeLog()
         inputs: deque[np.ndarray] = deque()
 
         def remember(chunks):
@@ -359,21 +373,34 @@ class VideoPipeline:
                     inputs.extend(chunk)
                 yield chunk
 
-        latents = self.encode_stream(remember(iter_chunks(source, self.settings.chunk_frames)), caption, counter)
+        chunks = iter_chunks(source, self.settings.chunk_frames, log)
+        latents = self.encode_stream(remember(chunks), caption, counter)
         height, width = self._output_size(info.width, info.height)
         written = 0
-        with VideoWriter(target, info.fps, encode_settings) as writer, self._bar(info, "reconstruct") as bar:
+        with contextlib.ExitStack() as stack:
+            writer, pair = self._writers(stack, target, side_by_side, info.fps, encode_settings)
+            bar = stack.enter_context(self._bar(info, "reconstruct"))
             for piece in self.decode_stream(latents, caption):
                 out = to_uint8(to_unit(piece.cpu()))[:, :height, :width]
                 if counter.done:
                     out = out[: max(0, counter.count - written)]
-                if side_by_side:
-                    out = self._side_by_side(np.stack([inputs.popleft() for _ in range(len(out))]), out)
+                for each in filter(None, (writer, pair)):  # decoded by now: the first frame's rotation
+                    each.display_matrix = log.display_matrix
                 writer.write(out)
+                if pair is not None:
+                    pair.write(self._side_by_side(np.stack([inputs.popleft() for _ in range(len(out))]), out))
                 written += len(out)
                 bar.update(len(out))
+        info.notes.extend(log.notes(info))
         info.frame_count = counter.count
         return info
+
+    @staticmethod
+    def _writers(stack: contextlib.ExitStack, target, side_by_side, fps, settings):
+        """The output's writer, and the side-by-side's (or None), both entered on `stack`."""
+        writer = stack.enter_context(VideoWriter(target, fps, settings))
+        pair = stack.enter_context(VideoWriter(side_by_side, fps, settings)) if side_by_side else None
+        return writer, pair
 
     def _side_by_side(self, inputs: np.ndarray, outputs: np.ndarray) -> np.ndarray:
         if inputs.shape[1:3] != outputs.shape[1:3]:  # resized: show the input at the output's size
@@ -388,7 +415,7 @@ class VideoPipeline:
     def encode(self, source: str | Path, caption: str | None = None) -> EncodedVideo:
         """A video or image file -> its latent (and log-variance) and what decoding needs."""
         info = probe(source)
-        counter = _FrameCounter()
+        counter, log = _FrameCounter(), DecodeLog()
         if info.is_image:
             frames = next(iter_chunks(source, 1))
             text = self._text(caption)
@@ -400,17 +427,21 @@ class VideoPipeline:
         else:
             with self._bar(info, "encode") as bar:
                 pieces = []
-                for piece in self.moments_stream(iter_chunks(source, self.settings.chunk_frames), caption, counter):
+                chunks = iter_chunks(source, self.settings.chunk_frames, log)
+                for piece in self.moments_stream(chunks, caption, counter):
                     pieces.append(piece.cpu())
                     bar.update(piece.shape[2] * self.temporal_factor)
             moments = torch.cat(pieces, dim=2)
         latent, logvar = moments.chunk(2, dim=1)
         height, width = self._output_size(info.width, info.height)
+        extra = {"chunk_frames": self.settings.chunk_frames, "chunk_overlap": self.settings.chunking.overlap,
+                 "notes": "; ".join(info.notes + log.notes(info))}
+        if log.display_matrix:
+            extra["display_matrix"] = " ".join(str(v) for v in log.display_matrix)
         return EncodedVideo(latent=latent, logvar=logvar, fps=info.fps, width=width, height=height,
                             frames=counter.count,
                             is_image=info.is_image, caption=caption or "", model_fingerprint=self.fingerprint,
-                            extra={"chunk_frames": self.settings.chunk_frames,
-                                   "chunk_overlap": self.settings.chunking.overlap, "notes": "; ".join(info.notes)})
+                            extra=extra)
 
     def decode(self, encoded: EncodedVideo, target: str | Path, encode_settings: EncodeSettings | None = None,
                check_model: bool = True) -> Path:
@@ -432,7 +463,7 @@ class VideoPipeline:
                 writer.write(frames)
             return Path(target)
         written = 0
-        with VideoWriter(target, encoded.fps, encode_settings) as writer:
+        with VideoWriter(target, encoded.fps, encode_settings, display_matrix=encoded.display_matrix) as writer:
             for piece in self.decode_stream(self._latent_pieces(encoded.latent), encoded.caption):
                 out = to_uint8(to_unit(piece.cpu()))[: encoded.frames - written, :encoded.height, :encoded.width]
                 writer.write(out)
@@ -445,11 +476,16 @@ def save_latent(encoded: EncodedVideo, path: str | Path) -> Path:
     """Write a latent file (safetensors: the latent, optionally its log-variance, and metadata), atomically."""
     from safetensors.torch import save_file
 
+    from safetensors import SafetensorError
+
     tensors = {"latent": encoded.latent.contiguous()}
     if encoded.logvar is not None:
         tensors["logvar"] = encoded.logvar.contiguous()
     with atomic_path(path) as temp:
-        save_file(tensors, temp, metadata=encoded.metadata())
+        try:
+            save_file(tensors, temp, metadata=encoded.metadata())
+        except SafetensorError as error:  # a full disk, say; its message does not name the file
+            raise OSError(f"cannot write {path}: {error}") from None
     return Path(path)
 
 
@@ -467,6 +503,36 @@ def load_latent(path: str | Path) -> EncodedVideo:
         raise ValueError(f"{path} is not a latent file written by `cmvae encode` ({error})") from None
     if meta.get("format") != LATENT_FORMAT or "latent" not in tensors:
         raise ValueError(f"{path} is not a latent file written by `cmvae encode`")
+    problem = _latent_problem(tensors, meta)
+    if problem:
+        raise ValueError(f"{path} is damaged: {problem}")
     encoded = EncodedVideo.from_metadata(tensors["latent"], meta)
     encoded.logvar = tensors.get("logvar")
     return encoded
+
+
+def _latent_problem(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str | None:
+    """What is wrong with a latent file's contents, in words; None when decoding can rely on them."""
+    missing = [key for key in ("fps", "width", "height", "frames", "is_image") if key not in meta]
+    if missing:
+        return f"no {', '.join(missing)} in its metadata"
+    try:
+        fps = Fraction(meta["fps"])
+        sizes = {key: int(meta[key]) for key in ("width", "height", "frames")}
+        matrix = _matrix_from_text(meta.get("display_matrix"))
+    except (ValueError, ZeroDivisionError):
+        return "its fps, width, height, frames or display_matrix is not a number"
+    if fps <= 0 or min(sizes.values()) < 1:
+        return f"fps {meta['fps']}, width, height and frames {sizes} must be positive"
+    latent = tensors["latent"]
+    if latent.dim() != 5 or latent.shape[0] != 1 or not latent.is_floating_point():
+        return f"its latent has shape {tuple(latent.shape)} ({latent.dtype}), not (1, channels, t, h, w) floats"
+    if not torch.isfinite(latent).all():
+        return "its latent holds NaN or infinite values"
+    if matrix is not None and len(matrix) != 9:
+        return "its display_matrix does not have 9 entries"
+    return None
+
+
+def _matrix_from_text(text: str | None) -> tuple[int, ...] | None:
+    return tuple(int(v) for v in text.split()) if text else None

@@ -10,7 +10,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import socket
 import tempfile
+import urllib.parse
 import zipfile
 from pathlib import Path
 
@@ -68,20 +70,42 @@ class HFTextEncoder:
 
 
 def _from_pretrained(cls, name: str, **kwargs):
-    """Prefer what is on disk; go to the hub only when that fails and the hub is not switched off."""
+    """Prefer what is on disk; go to the hub only when that fails, the hub is not switched off and
+    it answers (offline, the hub client would retry for about half a minute before giving up)."""
     try:
         return cls.from_pretrained(name, local_files_only=True, **kwargs)
     except OSError:
         if Path(name).exists() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
             raise
+        unreachable = _hub_unreachable()
+        if unreachable:
+            raise HubUnreachable(unreachable) from None
         return cls.from_pretrained(name, **kwargs)
+
+
+class HubUnreachable(OSError):
+    """The Hugging Face hub does not answer (no network, or a firewall)."""
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached from here, or None when a connection opens."""
+    from huggingface_hub import constants
+
+    address = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = address.port or (443 if address.scheme == "https" else 80)
+    try:
+        socket.create_connection((address.hostname, port), timeout=timeout).close()
+    except OSError as error:
+        return f"{address.hostname}: {error.strerror or error}"
+    return None
 
 
 def _missing_message(name: str, error: Exception) -> str:
     if Path(name).exists():
         return f"cannot load the text encoder in {name}: {error}"
+    why = f" (the hub is out of reach: {error})" if isinstance(error, HubUnreachable) else ""
     return (f"text encoder {name!r} is neither a local folder nor in the Hugging Face cache, and could not be "
-            f"downloaded. On a machine with internet run `huggingface-cli download {name}` and copy the cache "
+            f"downloaded{why}. On a machine with internet run `huggingface-cli download {name}` and copy the cache "
             "(~/.cache/huggingface) here, or pass the path of a folder that holds the model.")
 
 

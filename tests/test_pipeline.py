@@ -57,9 +57,10 @@ def test_generated_clip_non_integer_rate(tiny_folder, tmp_path):
     out = tmp_path / "gen_out.mp4"
     assert cli_main(["reconstruct", str(clip), "-o", str(out), "--model", str(tiny_folder), "--tile", "0",
                      "--side-by-side"]) == 0
-    info = probe(out)
-    assert (info.width, info.height, info.fps) == (80, 24, Fraction(30000, 1001))
-    assert len(read_video(out)) == 13
+    info, pair = probe(out), probe(tmp_path / "gen_out_side_by_side.mp4")  # --side-by-side: a second file
+    assert (info.width, info.height, info.fps) == (40, 24, Fraction(30000, 1001))
+    assert (pair.width, pair.height, pair.fps) == (80, 24, Fraction(30000, 1001))
+    assert len(read_video(out)) == len(read_video(pair.path)) == 13
 
 
 def test_single_image_runs_in_image_mode(tiny_folder, tmp_path):

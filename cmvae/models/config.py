@@ -27,10 +27,22 @@ class CMVAEConfig:
     cross_attention_patch_sizes: tuple[int, ...] = (8, 4, 2, 1)  # per spatial level, level 0 first
 
     def __post_init__(self) -> None:
+        self._check_types()
         # config.json stores lists; keep tuples so that configs compare and hash as values
         object.__setattr__(self, "channel_multipliers", tuple(self.channel_multipliers))
         object.__setattr__(self, "cross_attention_patch_sizes", tuple(self.cross_attention_patch_sizes))
         self._validate()
+
+    def _check_types(self) -> None:
+        """A config.json edited by hand can hold "16" for 16: say which field, not fail later."""
+        problems = []
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            expected = _FIELD_TYPES[str(item.type)]
+            if not _is_a(value, expected):
+                problems.append(f"{item.name} must be {expected}, got {value!r}")
+        if problems:
+            raise ValueError("invalid CMVAEConfig: " + "; ".join(problems))
 
     def _validate(self) -> None:
         problems = []
@@ -79,6 +91,25 @@ class CMVAEConfig:
         if unknown:
             raise ValueError(f"unknown CMVAEConfig fields: {', '.join(unknown)}")
         return cls(**values)
+
+
+_FIELD_TYPES = {"int": "an integer", "bool": "true or false", "float": "a number",
+                "int | None": "an integer or null", "tuple[int, ...]": "a list of integers"}
+
+
+def _is_a(value, expected: str) -> bool:
+    def integer(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if expected == "an integer":
+        return integer(value)
+    if expected == "true or false":
+        return isinstance(value, bool)
+    if expected == "a number":
+        return integer(value) or isinstance(value, float)
+    if expected == "an integer or null":
+        return value is None or integer(value)
+    return isinstance(value, (list, tuple)) and all(integer(v) for v in value)
 
 
 _RELEASED = CMVAEConfig()

@@ -88,8 +88,9 @@ def model_from_checkpoint(state: dict, use_ema: bool = True) -> CrossModalVAE:
     return model.eval()
 
 
-def export_run(source: str | os.PathLike, folder: str | os.PathLike, use_ema: bool = True) -> Path:
+def export_run(source: str | os.PathLike, folder: str | os.PathLike, use_ema: bool = True,
+               overwrite: bool = False) -> Path:
     """Write the model of a run folder's latest checkpoint (or of a checkpoint file) as a model folder
-    that `cmvae.load_model` and `CrossModalVAE.from_pretrained` read."""
+    that `cmvae.load_model` and `CrossModalVAE.from_pretrained` read (`overwrite`: see `save_model`)."""
     state = read_checkpoint(resolve_checkpoint(source))
-    return save_model(model_from_checkpoint(state, use_ema), folder)
+    return save_model(model_from_checkpoint(state, use_ema), folder, overwrite=overwrite)

@@ -29,7 +29,7 @@ def _train(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from .checkpoint import export_run
 
-    folder = export_run(args.source, args.output, use_ema=not args.raw)
+    folder = export_run(args.source, args.output, use_ema=not args.raw, overwrite=args.overwrite)
     print(f"wrote {folder}")
 
 
@@ -47,6 +47,8 @@ def register(subparsers) -> None:
     export.add_argument("source", metavar="RUN", help="a run folder (its latest checkpoint) or a checkpoint file")
     export.add_argument("-o", "--output", required=True, help="model folder to write (config.json + safetensors)")
     export.add_argument("--raw", action="store_true", help="the trained weights, not their EMA")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace a model folder that cmvae wrote before (only its own files)")
     export.set_defaults(run=_export)
 
 

@@ -228,7 +228,8 @@ class Trainer:
             if (self.step >= run.steps or self._stop) and run.export_model:
                 state = state or self.save_checkpoint()
                 if self.context.is_main:
-                    folder = save_model(model_from_checkpoint(state, use_ema=True), self.run_dir / "model")
+                    folder = save_model(model_from_checkpoint(state, use_ema=True), self.run_dir / "model",
+                                        overwrite=True)
                     self.curve.save(folder)
                     monitor.message(f"exported the trained model to {folder}")
         finally:
