@@ -95,16 +95,17 @@ def encode_dataset(pipe: VideoPipeline, items: list[MediaItem], out_dir: str | o
                             "frames": encoded.frames, "is_image": encoded.is_image})
             report.encoded += 1
         if len(records) == shard_size:
-            report.shards.append(_write_shard(out_dir, tensors, records, pipe.fingerprint, rank))
+            report.shards.append(_write_shard(out_dir, tensors, records, pipe, rank))
             tensors, records = {}, []
     if records:
-        report.shards.append(_write_shard(out_dir, tensors, records, pipe.fingerprint, rank))
+        report.shards.append(_write_shard(out_dir, tensors, records, pipe, rank))
     return report
 
 
-def _write_shard(out_dir: Path, tensors: dict, records: list[dict], fingerprint: str, rank: int) -> str:
+def _write_shard(out_dir: Path, tensors: dict, records: list[dict], pipe: VideoPipeline, rank: int) -> str:
     path = out_dir / f"shard-r{rank:02d}-{records[0]['index']:08d}.safetensors"
-    metadata = {"format": SHARD_FORMAT, "model_fingerprint": fingerprint, "items": json.dumps(records)}
+    metadata = {"format": SHARD_FORMAT, "model_fingerprint": pipe.fingerprint, "items": json.dumps(records),
+                "dtype": pipe.precision.dtype_name}
     _atomic_save(tensors, metadata, path, rank)
     return path.name
 

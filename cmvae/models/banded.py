@@ -41,10 +41,12 @@ from .spatial import LevelCall, SpatialDecoder, SpatialEncoder
 
 Stats = tuple[torch.Tensor, torch.Tensor]  # per-(sample, channel) mean and variance
 
-# Working memory of a band, per row of the band, in units of one row of the step's widest tensor in
-# float32 (N * T * W * channels * 4 bytes): measured with cmvae.memory.LiveTensors on bands of the
-# default model and the 16z architecture (benchmarks/memory_model.py), rounded up.
-BAND_WORKSPACE = {"layers": 4.0, "passes": 6.0, "plain": 3.0}
+# Working memory of a band per row it reads (its own and its halo), in rows of the step's widest tensor
+# (N * T * W * channels values): the peak of tensors alive measured on bands of the default model and the
+# 16z architecture, in float32 and bfloat16 (benchmarks/memory_model.py: at most 7.5, 5.6 and 2.0),
+# plus a tenth, plus one row for the copy oneDNN makes of a float32 convolution's input that is not
+# channels-last (not a tensor, so not measured as one).
+BAND_WORKSPACE = {"layers": 9.0, "passes": 7.2, "whole rows": 3.2}
 
 
 # ---- rows of tensors, stored or computed ------------------------------------------------------------
@@ -54,13 +56,23 @@ def _pad_rows(x: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
     return F.pad(x, (0, 0, top, bottom)) if top or bottom else x
 
 
+def _conv(x: torch.Tensor, conv: nn.Conv3d, padding: tuple[int, int, int]) -> torch.Tensor:
+    """`F.conv3d`, but float32 on the CPU always through oneDNN: PyTorch sends inputs with few rows (batch x
+    channels x frames x rows <= 20480) to a native kernel that is 8 times slower and rounds differently
+    from the oneDNN kernel that whole frames get."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        return torch.ops.aten.mkldnn_convolution(x, conv.weight, conv.bias, list(padding), list(conv.stride),
+                                                 list(conv.dilation), conv.groups)
+    return F.conv3d(x, conv.weight, conv.bias, conv.stride, padding)
+
+
 def conv_rows(conv: nn.Conv3d, inp: torch.Tensor, lo: int, a: int, b: int, height: int) -> torch.Tensor:
     """Rows [a, b) of a stride-1 convolution's output, from rows [lo, ...) of its input that cover the
     rows it reaches inside the frame; rows beyond the frame are the convolution's zero padding."""
     reach = conv.kernel_size[1] // 2
     start, stop = max(a - reach, 0), min(b + reach, height)
     x = _pad_rows(inp[..., start - lo:stop - lo, :], start - (a - reach), (b + reach) - stop)
-    return F.conv3d(x, conv.weight, conv.bias, conv.stride, (conv.padding[0], 0, conv.padding[2]))
+    return _conv(x, conv, (conv.padding[0], 0, conv.padding[2]))
 
 
 class Stored:
@@ -190,6 +202,7 @@ class Option:
     output_bytes: int
     row_bytes: int
     work: float
+    halo: int = 1  # rows a band reads beyond its own, either side
     in_place: bool = False
 
 
@@ -201,7 +214,6 @@ class Step:
     name: str
     height: int  # rows of the step's output
     align: int  # band boundaries fall on multiples of this
-    reach: int  # rows a band reads beyond its own, either side
     options: list[Option]
     module: nn.Module
     attention: nn.Module | None = None  # the text cross-attention after a block
@@ -229,10 +241,10 @@ def _macs(conv: nn.Conv3d) -> int:
     return conv.weight.numel()
 
 
-def _plain(name: str, kind: str, module: nn.Module, height: int, reach: int, out_bytes: int, row_bytes: float,
-           macs: int, align: int = 1) -> Step:
+def _plain(name: str, kind: str, module: nn.Module, height: int, out_bytes: int, row_bytes: float, macs: int,
+           align: int = 1) -> Step:
     option = Option("whole rows", out_bytes, out_bytes, int(row_bytes), macs)
-    return Step(kind, name, height, align, reach, [option], module)
+    return Step(kind, name, height, align, [option], module)
 
 
 def _block_options(block: ResnetBlock, video: bool, out_bytes: int, row_unit: int, upsample: nn.Module | None,
@@ -249,7 +261,7 @@ def _block_options(block: ResnetBlock, video: bool, out_bytes: int, row_unit: in
     in_place = may_overwrite and block.nin_shortcut is None
     return [Option("layers", out_bytes, out_bytes, layers_rows, once),
             Option("passes", 0 if in_place else out_bytes, out_bytes, int(BAND_WORKSPACE["passes"] * row_unit),
-                   once + repeated, in_place)]
+                   once + repeated, len(layers), in_place)]
 
 
 def level_steps(call: LevelCall, shape: torch.Size, element: int) -> list[Step]:
@@ -262,7 +274,7 @@ def level_steps(call: LevelCall, shape: torch.Size, element: int) -> list[Step]:
         return n * c * frames * h * w * element
 
     def row_unit(c: int, w: int) -> int:
-        return n * frames * w * c * 4
+        return n * frames * w * c * element
 
     def add_blocks(stage: nn.Module, h: int, w: int, c_in: int, upsample: nn.Module | None) -> int:
         align = max(2, stage.attn[0].patch_size if len(stage.attn) else 1)
@@ -271,8 +283,8 @@ def level_steps(call: LevelCall, shape: torch.Size, element: int) -> list[Step]:
             first_up = upsample if i == 0 else None
             options = _block_options(block, video, frame_bytes(c_out, h, w), row_unit(max(c_in, c_out), w), first_up,
                                      frame_bytes(c_in, h, w), bool(steps) or call.owns_input)
-            steps.append(Step("block", f"{_coder_name(coder)} level {level} block {i}", h, align, 4 if video else 2,
-                              options, block, stage.attn[i] if len(stage.attn) else None, first_up))
+            steps.append(Step("block", f"{_coder_name(coder)} level {level} block {i}", h, align, options, block,
+                              stage.attn[i] if len(stage.attn) else None, first_up))
             c_in = c_out
         return c_in
 
@@ -280,15 +292,15 @@ def level_steps(call: LevelCall, shape: torch.Size, element: int) -> list[Step]:
         if level == 0:
             conv = coder.conv_in
             channels = conv.out_channels
-            steps.append(_plain("encoder input convolution", "conv_in", conv, height, 1,
-                                frame_bytes(channels, height, width), BAND_WORKSPACE["plain"] * row_unit(channels, width),
+            steps.append(_plain("encoder input convolution", "conv_in", conv, height,
+                                frame_bytes(channels, height, width), BAND_WORKSPACE["whole rows"] * row_unit(channels, width),
                                 _macs(conv), align=2))
         stage = coder.down[level]
         channels = add_blocks(stage, height, width, channels, None)
         if stage.downsample is not None:
-            steps.append(_plain(f"encoder level {level} downsampling", "downsample", stage.downsample, height // 2, 1,
+            steps.append(_plain(f"encoder level {level} downsampling", "downsample", stage.downsample, height // 2,
                                 frame_bytes(channels, height // 2, width // 2),
-                                BAND_WORKSPACE["plain"] * 2 * row_unit(channels, width), _macs(stage.downsample.conv)))
+                                BAND_WORKSPACE["whole rows"] * 2 * row_unit(channels, width), _macs(stage.downsample.conv)))
         return steps
     upsample = None
     if level < len(coder.up) - 1:
@@ -297,9 +309,9 @@ def level_steps(call: LevelCall, shape: torch.Size, element: int) -> list[Step]:
     channels = add_blocks(coder.up[level], height, width, channels, upsample)
     if level == 0:
         conv = coder.conv_out
-        steps.append(_plain("decoder output layers", "output", coder, height, 1,
+        steps.append(_plain("decoder output layers", "output", coder, height,
                             frame_bytes(conv.out_channels, height, width),
-                            BAND_WORKSPACE["plain"] * row_unit(channels, width), _macs(conv)))
+                            BAND_WORKSPACE["whole rows"] * row_unit(channels, width), _macs(conv)))
     return steps
 
 
@@ -310,7 +322,7 @@ def _coder_name(coder: nn.Module) -> str:
 # ---- planning ---------------------------------------------------------------------------------------
 
 
-def plan_level(call: LevelCall, shape: torch.Size, element: int, allowance: int, min_rows: int = 8,
+def plan_level(call: LevelCall, shape: torch.Size, element: int, allowance: int, min_rows: int = 4,
                modes: tuple[str, ...] | None = None, max_rows: int | None = None) -> LevelPlan | None:
     """For each step the option with the least work, in the tallest bands, that keeps the memory the
     level adds to what is in use at its start (its input included) within `allowance` bytes; None
@@ -335,7 +347,7 @@ def plan_level(call: LevelCall, shape: torch.Size, element: int, allowance: int,
             choice = Choice(choice.option, max(max_rows // step.align, 1) * step.align)
         choices.append(choice)
         option = choice.option
-        peak = max(peak, base + option.new_bytes + choice.rows * option.row_bytes)
+        peak = max(peak, base + option.new_bytes + (choice.rows + 2 * option.halo) * option.row_bytes)
         if option.in_place:
             continue
         if reads_level_input:
@@ -347,20 +359,20 @@ def plan_level(call: LevelCall, shape: torch.Size, element: int, allowance: int,
 
 def _cheapest(step: Step, room: int, min_rows: int) -> Choice | None:
     for option in sorted(step.options, key=lambda o: o.work):
-        rows = _rows_that_fit(room - option.new_bytes, option.row_bytes, step, min_rows)
+        rows = _rows_that_fit(room - option.new_bytes, option, step, min_rows)
         if rows:
             return Choice(option, rows)
     return None
 
 
-def _rows_that_fit(room: int, row_bytes: int, step: Step, min_rows: int) -> int:
+def _rows_that_fit(room: int, option: Option, step: Step, min_rows: int) -> int:
     if room <= 0:
         return 0
-    rows = room // max(row_bytes, 1) - 2 * step.reach
+    rows = room // max(option.row_bytes, 1) - 2 * option.halo
     if rows >= step.height:
         return step.height
     rows = rows // step.align * step.align
-    return rows if rows >= max(min_rows, step.reach, step.align) else 0
+    return rows if rows >= max(min_rows, option.halo, step.align) else 0
 
 
 # ---- running ----------------------------------------------------------------------------------------
@@ -403,7 +415,7 @@ def _run_downsample(step: Step, source: Stored, row_bands) -> Stored:
     for a, b in row_bands:  # output row q reads input rows 2q to 2q + 2; the row below the frame is zero
         start, stop = 2 * a, min(2 * b + 1, rows_in)
         x = F.pad(source.rows(start, stop), (0, 1, 0, 2 * b + 1 - stop))
-        out[..., a:b, :] = F.conv3d(x, conv.weight, conv.bias, conv.stride)
+        out[..., a:b, :] = _conv(x, conv, (0, 0, 0))
     return Stored(out, owned=True)
 
 
