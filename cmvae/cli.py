@@ -92,14 +92,18 @@ def _pipeline(args: argparse.Namespace):
                                 memory_budget=args.max_memory, tile=args.tile, tile_overlap=args.tile_overlap,
                                 tile_norm=args.tile_norm, device=args.device, dtype=args.dtype, resize=args.resize,
                                 stretch=args.stretch)
-    pipe = VideoPipeline(model, settings, text_encoder=text_encoder, progress=True, notify=_note)
-    if args.dtype == "auto":
-        _note(f"precision {pipe.precision.describe()}")
-    return pipe
+    return VideoPipeline(model, settings, text_encoder=text_encoder, progress=True, notify=_note)
 
 
 def _note(message: str) -> None:
     print(f"note: {message}", file=sys.stderr)
+
+
+def _tell_precision(args: argparse.Namespace, pipe) -> None:
+    """After the first output, which precision `--dtype auto` chose (once per command)."""
+    if args.dtype == "auto" and not getattr(args, "precision_told", False):
+        args.precision_told = True
+        _note(f"precision {pipe.precision.describe()}")
 
 
 def _encode_settings(args: argparse.Namespace):
@@ -166,6 +170,7 @@ def _reconstruct(args: argparse.Namespace) -> None:
             continue
         for note in info.notes:
             print(f"note: {media.name}: {note}", file=sys.stderr)
+        _tell_precision(args, pipe)
         print(f"wrote {target}")
     if failures:
         raise CommandError(f"{len(failures)} of {len(files)} inputs failed")
@@ -183,6 +188,7 @@ def _encode(args: argparse.Namespace) -> None:
     pipe = _pipeline(args)
     encoded = pipe.encode(args.input, caption=_caption(args, Path(args.input)))
     save_latent(encoded, args.output)
+    _tell_precision(args, pipe)
     print(f"wrote {args.output}: latent {tuple(encoded.latent.shape)} for {encoded.frames} frame(s) of "
           f"{encoded.width}x{encoded.height} at {float(encoded.fps):g} fps")
 
@@ -198,6 +204,7 @@ def _decode(args: argparse.Namespace) -> None:
     pipe = _pipeline(args)
     target = Path(args.output)
     pipe.decode(encoded, target, encode_settings=_encode_settings(args))
+    _tell_precision(args, pipe)
     print(f"wrote {target}")
 
 

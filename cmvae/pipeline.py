@@ -183,12 +183,14 @@ class VideoPipeline:
         self.device = resolve_device(self.settings.device)
         self.precision = resolve_precision(self.settings.dtype, self.device)
         self.dtype, self.memory_format = self.precision.dtype, self.precision.memory_format
+        self._fingerprint: str | None = None
+        if next(model.parameters()).dtype != self.dtype:  # the fingerprint hashes the weights as loaded
+            self._fingerprint = model_fingerprint(model)
         self.model = model.eval().requires_grad_(False).to(device=self.device, dtype=self.dtype,
                                                            memory_format=self.memory_format)
         if text_encoder is not None:
             self.model.set_text_encoder(text_encoder)
         self.progress = progress
-        self._fingerprint: str | None = None
         self.levels: LevelsWithinBudget | None = None
         if self.settings.tile is None:
             self.levels = LevelsWithinBudget(self.model, self._budget(), self.device, notify)
