@@ -80,7 +80,7 @@ def positive_int(value: str) -> int:
     return number
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
+def _add_model_options(parser: argparse.ArgumentParser, dtype: str = "auto") -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default="default",
                        help="model folder, weights file (.ckpt, .pt, .safetensors) or preset name (default: the "
@@ -88,8 +88,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--config", help="config (preset name or JSON) for a weights file whose config cannot be "
                                         "read off its keys")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    group.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
-                       help="compute precision (normalisations and softmax stay float32)")
+    group.add_argument("--dtype", choices=("auto", *DTYPE_NAMES), default=dtype,
+                       help="compute precision; auto: bfloat16 on GPUs and CPUs with native bfloat16, float32 "
+                            "elsewhere (normalisations and softmax stay float32; default: %(default)s)")
     group.add_argument("--text-encoder", help="text encoder for text models: t5, minilm, a hub name or a folder "
                                               "(default: the one of the model's width)")
 
@@ -97,16 +98,22 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(pipeline_defaults=[])  # filled in by _Parser.parse_known_args
     group = parser.add_argument_group("chunks and tiles")
-    group.add_argument("--chunk-frames", type=int, help="frames per temporal chunk (x4; default %(default)s)")
+    group.add_argument("--chunk-frames", type=int, help="frames per temporal chunk (x4; default 16)")
     group.add_argument("--chunk-overlap", type=int,
                        help="frames shared by consecutive chunks, cross-faded (x4; default 4, or 0 for chunks "
                             "shorter than 8 frames)")
-    group.add_argument("--tile", type=int, help="spatial tile side in pixels, 0 = never tile (default %(default)s)")
-    group.add_argument("--tile-overlap", type=int, help="tile overlap in pixels (default %(default)s)")
+    group.add_argument("--max-memory", metavar="SIZE",
+                       help="memory the process may use, e.g. 6GB or 500MB (default: most of the free RAM, or of "
+                            "the GPU's free memory); levels of the model that do not fit run in bands of rows, with "
+                            "the same output")
+    group.add_argument("--tile", type=int,
+                       help="expert override of --max-memory: square tiles of this many pixels at every level "
+                            "(slow), 0 = never tile")
+    group.add_argument("--tile-overlap", type=int, help="tile overlap in pixels, with --tile (default 64)")
     group.add_argument("--tile-norm", metavar="{exact,first-pass,per-tile}",
-                       help="GroupNorm statistics in tiles: exact (the whole frame's: tiled output equals untiled "
-                            "output, several passes), first-pass (approximate, two passes) or per-tile (one pass, "
-                            "visible seams); see docs/benchmarks.md (default: %(default)s)")
+                       help="GroupNorm statistics in --tile tiles: exact (the whole frame's: tiled output equals "
+                            "untiled output, several passes), first-pass (approximate, two passes) or per-tile (one "
+                            "pass, visible seams); see docs/benchmarks.md (default: exact)")
     group.add_argument("--resize", type=_resize, help="N: shorter side to N pixels; WxH: exact size, cropped to "
                                                       "keep the aspect ratio unless --stretch")
     group.add_argument("--stretch", action="store_true", help="with --resize WxH, distort instead of cropping")
@@ -130,10 +137,22 @@ def _pipeline(args: argparse.Namespace):
         text_encoder = load_text_encoder(args.text_encoder)
     elif args.text_encoder:
         logging.getLogger("cmvae").warning("--text-encoder ignored: the model has no text conditioning")
-    settings = PipelineSettings(chunk_frames=args.chunk_frames, chunk_overlap=args.chunk_overlap, tile=args.tile,
-                                tile_overlap=args.tile_overlap, tile_norm=args.tile_norm,
-                                device=args.device, dtype=args.dtype, resize=args.resize, stretch=args.stretch)
-    return VideoPipeline(model, settings, text_encoder=text_encoder, progress=True)
+    settings = PipelineSettings(chunk_frames=args.chunk_frames, chunk_overlap=args.chunk_overlap,
+                                memory_budget=args.max_memory, tile=args.tile, tile_overlap=args.tile_overlap,
+                                tile_norm=args.tile_norm, device=args.device, dtype=args.dtype, resize=args.resize,
+                                stretch=args.stretch)
+    return VideoPipeline(model, settings, text_encoder=text_encoder, progress=True, notify=_note)
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
+def _tell_precision(args: argparse.Namespace, pipe) -> None:
+    """After the first output, which precision `--dtype auto` chose (once per command)."""
+    if args.dtype == "auto" and not getattr(args, "precision_told", False):
+        args.precision_told = True
+        _note(f"precision {pipe.precision.describe()}")
 
 
 def _encode_settings(args: argparse.Namespace):
@@ -192,6 +211,7 @@ def _reconstruct(args: argparse.Namespace) -> None:
             continue
         for note in info.notes:
             print(f"note: {media.name}: {note}", file=sys.stderr)
+        _tell_precision(args, pipe)
         print(f"wrote {target}" + (f" and {side_by_side}" if side_by_side else ""))
     if failures:
         raise CommandError(f"{len(failures)} of {len(jobs)} inputs failed")
@@ -272,6 +292,7 @@ def _encode(args: argparse.Namespace) -> None:
     pipe = _pipeline(args)
     encoded = pipe.encode(source, caption=_caption(args, source, pipe.model))
     save_latent(encoded, target)
+    _tell_precision(args, pipe)
     print(f"wrote {target}: latent {tuple(encoded.latent.shape)} for {encoded.frames} frame(s) of "
           f"{encoded.width}x{encoded.height} at {float(encoded.fps):g} fps")
 
@@ -290,6 +311,7 @@ def _decode(args: argparse.Namespace) -> None:
         args.chunk_overlap = int(overlap) if overlap is not None else args.chunk_overlap
     pipe = _pipeline(args)
     pipe.decode(encoded, target, encode_settings=_encode_settings(args))
+    _tell_precision(args, pipe)
     print(f"wrote {target}")
 
 
@@ -384,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("input", help="video or image")
     enc.add_argument("-o", "--output", required=True, help="latent file to write (.safetensors)")
     _add_caption_options(enc)
-    _add_model_options(enc)
+    _add_model_options(enc, dtype="float32")  # latents that do not depend on the machine
     _add_run_options(enc)
     enc.set_defaults(run=_encode)
 
@@ -405,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="exit 0 even when some items cannot be encoded (they are retried by the next run)")
     ds.add_argument("--store-logvar", action="store_true",
                     help="also store the posterior log-variance, to sample latents later")
-    _add_model_options(ds)
+    _add_model_options(ds, dtype="float32")
     _add_run_options(ds)
     ds.set_defaults(run=_encode_dataset)
 

@@ -113,20 +113,21 @@ def encode_dataset(pipe: VideoPipeline, items: list[MediaItem], out_dir: str | o
                         "frames": encoded.frames, "is_image": encoded.is_image})
         report.encoded += 1
         if len(records) == shard_size:
-            report.shards.append(_write_shard(out_dir, tensors, records, pipe.fingerprint, rank))
+            report.shards.append(_write_shard(out_dir, tensors, records, pipe, rank))
             tensors, records = {}, []
     if records:
-        report.shards.append(_write_shard(out_dir, tensors, records, pipe.fingerprint, rank))
+        report.shards.append(_write_shard(out_dir, tensors, records, pipe, rank))
     return report
 
 
-def _write_shard(out_dir: Path, tensors: dict, records: list[dict], fingerprint: str, rank: int) -> str:
+def _write_shard(out_dir: Path, tensors: dict, records: list[dict], pipe: VideoPipeline, rank: int) -> str:
     name = f"shard-r{rank:02d}-{records[0]['index']:08d}"
     path, copy = out_dir / f"{name}.safetensors", 1
     while path.exists():  # a shard of an older version that began with a failed item
         copy += 1
         path = out_dir / f"{name}-{copy}.safetensors"
-    metadata = {"format": SHARD_FORMAT, "model_fingerprint": fingerprint, "items": json.dumps(records)}
+    metadata = {"format": SHARD_FORMAT, "model_fingerprint": pipe.fingerprint, "items": json.dumps(records),
+                "dtype": pipe.precision.dtype_name}
     _atomic_save(tensors, metadata, path, rank)
     return path.name
 

@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import json
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -23,9 +23,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .chunking import ChunkSettings, window_starts, windowed_map
-from .device import preferred_memory_format, resolve_device, resolve_dtype
+from .budget import LevelsWithinBudget
+from .device import resolve_device, resolve_precision
 from .files import atomic_path, refuse_overwriting_input
+from .memory import Budget, default_budget, parse_size
 from .models import CrossModalVAE
+from .models.groupnorm import row_statistics
 from .models.spatial import LocalMap
 from .tiling import TileSettings, tiled_apply
 from .video_io import DecodeLog, EncodeSettings, MediaInfo, VideoWriter, iter_chunks, probe
@@ -41,16 +44,23 @@ class PipelineSettings:
     # frames shared by consecutive chunks, cross-faded; None: 4 for chunks of 8 frames or more, which
     # removes most of the flicker at chunk boundaries (docs/benchmarks.md), else 0
     chunk_overlap: int | None = None
-    tile: int = 256  # 0: never tile
+    # bytes (or a size such as "6GB") the process may use; None: from the machine (cmvae.memory). Levels
+    # of the model that do not fit run in bands of rows, exactly (cmvae.budget)
+    memory_budget: int | str | None = None
+    tile: int | None = None  # expert override of the budget: square tiles of this many pixels; 0: never tile
     tile_overlap: int = 64
     tile_norm: str = "exact"  # GroupNorm statistics in tiles: exact, first-pass or per-tile (cmvae.tiling)
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: bfloat16 where it is fast (GPUs, CPUs with native bfloat16), else float32
     resize: int | tuple[int, int] | None = None  # shorter side, or (width, height)
     stretch: bool = False  # with an exact (width, height): distort instead of crop to keep the aspect ratio
 
     def __post_init__(self) -> None:
-        self.chunking, self.tiling  # noqa: B018 - both validate their values
+        if self.memory_budget is not None:
+            self.memory_budget = parse_size(self.memory_budget)
+        if self.tile is not None:
+            self.tiling  # noqa: B018 - validates the tile settings
+        self.chunking  # noqa: B018
 
     @property
     def chunking(self) -> ChunkSettings:
@@ -61,7 +71,7 @@ class PipelineSettings:
 
     @property
     def tiling(self) -> TileSettings:
-        return TileSettings(self.tile, self.tile_overlap, self.tile_norm)
+        return TileSettings(self.tile or 0, self.tile_overlap, self.tile_norm)
 
 
 @dataclass
@@ -166,22 +176,35 @@ class _FrameCounter:
 class VideoPipeline:
     """A model with the settings to run it over whole videos and files.
 
-    >>> pipe = VideoPipeline(load_model("cmvae-16z"), PipelineSettings(tile=256))
+    >>> pipe = VideoPipeline(load_model("cmvae-16z"), PipelineSettings(memory_budget="6GB"))
     >>> pipe.reconstruct("in.mp4", "out.mp4")
+
+    `notify` receives one-line notes meant for the user (the memory budget, when a level does not
+    fit whole).
     """
 
     def __init__(self, model: CrossModalVAE, settings: PipelineSettings | None = None, text_encoder=None,
-                 progress: bool = False):
+                 progress: bool = False, notify: Callable[[str], None] | None = None):
         self.settings = settings or PipelineSettings()
         self.device = resolve_device(self.settings.device)
-        self.dtype = resolve_dtype(self.settings.dtype)
-        self.memory_format = preferred_memory_format(self.device, self.dtype)
+        self.precision = resolve_precision(self.settings.dtype, self.device)
+        self.dtype, self.memory_format = self.precision.dtype, self.precision.memory_format
+        self._fingerprint: str | None = None
+        if next(model.parameters()).dtype != self.dtype:  # the fingerprint hashes the weights as loaded
+            self._fingerprint = model_fingerprint(model)
         self.model = model.eval().requires_grad_(False).to(device=self.device, dtype=self.dtype,
                                                            memory_format=self.memory_format)
         if text_encoder is not None:
             self.model.set_text_encoder(text_encoder)
         self.progress = progress
-        self._fingerprint: str | None = None
+        self.levels: LevelsWithinBudget | None = None
+        if self.settings.tile is None:
+            self.levels = LevelsWithinBudget(self.model, self._budget(), self.device, notify)
+
+    def _budget(self) -> Budget:
+        if self.settings.memory_budget is not None:
+            return Budget(self.settings.memory_budget, "asked for")
+        return default_budget(self.device)
 
     @property
     def spatial_factor(self) -> int:
@@ -214,15 +237,20 @@ class VideoPipeline:
 
     def _encode_window(self, x: torch.Tensor, text: dict) -> torch.Tensor:
         """One chunk (or an image, T == 1: image mode) -> its posterior's moments (mean and
-        log-variance along channels); each level of the spatial encoder runs tile by tile when the
-        frame is larger than a tile."""
-        return self.model.encode(x, local_map=self._tiler(), **text).latent_dist.parameters
+        log-variance along channels); each level of the spatial encoder runs whole, in bands or in
+        tiles, as the memory budget (or the tile setting) says."""
+        with row_statistics():
+            return self.model.encode(x, local_map=self._tiler(), **text).latent_dist.parameters
 
     def _decode_window(self, z: torch.Tensor, text: dict, image_mode: bool) -> torch.Tensor:
-        return self.model.decode(z, image_mode=image_mode, local_map=self._tiler(), **text).sample
+        with row_statistics():
+            return self.model.decode(z, image_mode=image_mode, local_map=self._tiler(), **text).sample
 
     def _tiler(self) -> LocalMap | None:
-        """`local_map` for the model: each level in tiles of the frame's tiling, scaled to the level."""
+        """`local_map` for the model: within the budget, or each level in tiles of the frame's tiling,
+        scaled to the level, where a tile size is set."""
+        if self.levels is not None:
+            return self.levels
         tiling = self.settings.tiling
         if not tiling.tile:
             return None
@@ -435,7 +463,7 @@ class VideoPipeline:
         latent, logvar = moments.chunk(2, dim=1)
         height, width = self._output_size(info.width, info.height)
         extra = {"chunk_frames": self.settings.chunk_frames, "chunk_overlap": self.settings.chunking.overlap,
-                 "notes": "; ".join(info.notes + log.notes(info))}
+                 "dtype": self.precision.dtype_name, "notes": "; ".join(info.notes + log.notes(info))}
         if log.display_matrix:
             extra["display_matrix"] = " ".join(str(v) for v in log.display_matrix)
         return EncodedVideo(latent=latent, logvar=logvar, fps=info.fps, width=width, height=height,

@@ -155,7 +155,7 @@ def test_pipeline_tiles_large_frames_and_keeps_their_size_and_output():
     torch.manual_seed(0)
     model = _with_temporal_layers(CrossModalVAE.from_preset("tiny"))
     frames = (torch.rand(4, 40, 144, 3) * 255).to(torch.uint8).numpy()  # tiles at 1/1 and 1/2 resolution
-    run = lambda **s: VideoPipeline(model, PipelineSettings(device="cpu", **s)).reconstruct_array(frames)  # noqa: E731
+    run = lambda **s: VideoPipeline(model, PipelineSettings(device="cpu", dtype="float32", **s)).reconstruct_array(frames)  # noqa: E731
     untiled = run(tile=0)
     exact = run(tile=64, tile_overlap=32)
     per_tile = run(tile=64, tile_overlap=32, tile_norm="per-tile")
@@ -171,7 +171,7 @@ def test_exact_tiles_keep_the_cross_attention_patches_on_the_frames_grid():
     model = _with_temporal_layers(CrossModalVAE.from_preset("tiny-text"))
     text = {"context": torch.randn(1, 5, model.cfg.context_dim), "context_mask": torch.ones(1, 5)}
     video = torch.rand(1, 3, 4, 40, 144) * 2 - 1  # tiles at 1/1 and 1/2 resolution
-    local_map = VideoPipeline(model, PipelineSettings(device="cpu", tile=64, tile_overlap=32))._tiler()
+    local_map = VideoPipeline(model, PipelineSettings(device="cpu", dtype="float32", tile=64, tile_overlap=32))._tiler()
     with torch.no_grad():
         latent = model.encode(video, **text).latent_dist.mode()
         tiled_latent = model.encode(video, local_map=local_map, **text).latent_dist.mode()

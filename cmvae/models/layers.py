@@ -6,14 +6,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .groupnorm import group_norm_rows, row_statistics_enabled
+
 
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the input dtype, so half precision cannot overflow it.
 
-    On a (B, C, T, H, W) tensor the statistics are pooled over all frames and positions.
+    On a (B, C, T, H, W) tensor the statistics are pooled over all frames and positions. Under
+    `groupnorm.row_statistics()` (inference in the pipeline) such tensors are normalised with
+    statistics from per-row sums, which a band of rows reproduces exactly (`cmvae.models.groupnorm`).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 5 and row_statistics_enabled():
+            return group_norm_rows(x, self)
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)

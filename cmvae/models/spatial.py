@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,13 +16,31 @@ from .resnet import ResnetBlock
 
 
 # Runs a function of frames or features (B, C, T, H, W) at 1/scale of the video's resolution on an input,
-# for example tile by tile (`cmvae.tiling`): `local_map(fn, x, scale)` stands for `fn(x)`.
+# for example tile by tile (`cmvae.tiling`): `local_map(fn, x, scale)` stands for `fn(x)`. The model
+# passes a `LevelCall` as `fn`, which a local_map may also take apart (`cmvae.models.banded`).
 LocalMap = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, int], torch.Tensor]
 
 
-def _local(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, scale: int,
-           local_map: LocalMap | None) -> torch.Tensor:
-    return fn(x) if local_map is None else local_map(fn, x, scale)
+@dataclass
+class LevelCall:
+    """One level of the spatial encoder or decoder, callable on the level's input.
+
+    `owns_input`: the input is an intermediate of this forward pass that nothing reads after the
+    level, so a local_map may free its memory once it has used it.
+    """
+
+    coder: SpatialEncoder | SpatialDecoder
+    level: int
+    text: TextContext | None
+    video: bool
+    owns_input: bool
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return self.coder.level(self.level, h, self.text, self.video)
+
+
+def _local(call: LevelCall, x: torch.Tensor, scale: int, local_map: LocalMap | None) -> torch.Tensor:
+    return call(x) if local_map is None else local_map(call, x, scale)
 
 
 class Checkpointed(nn.Module):
@@ -119,7 +138,7 @@ class SpatialEncoder(Checkpointed):
         """`local_map` runs each level (see `CrossModalVAE.encode`); the head sees the whole frame."""
         h = x
         for level in range(len(self.down)):
-            h = _local(lambda h, level=level: self.level(level, h, text, video), h, 2**level, local_map)
+            h = _local(LevelCall(self, level, text, video, owns_input=level > 0), h, 2**level, local_map)
         return self.head(h, video)
 
     def level(self, level: int, h: torch.Tensor, text: TextContext | None, video: bool) -> torch.Tensor:
@@ -162,7 +181,7 @@ class SpatialDecoder(Checkpointed):
         top = len(self.up) - 1
         for level in reversed(range(len(self.up))):
             scale = 2 ** min(level + 1, top)  # the level's input: the previous level before its upsample
-            h = _local(lambda h, level=level: self.level(level, h, text, video), h, scale, local_map)
+            h = _local(LevelCall(self, level, text, video, owns_input=True), h, scale, local_map)
         return h
 
     def trunk(self, z: torch.Tensor, video: bool) -> torch.Tensor:
