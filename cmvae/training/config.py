@@ -117,6 +117,7 @@ class OptimConfig:
     grad_clip: float | None = None  # max gradient norm of the autoencoder; null: no clipping
     disc_lr: float | None = None  # default: lr
     ema_decay: float | None = None  # e.g. 0.999; null: no EMA
+    fused: bool | None = None  # fused Adam (one kernel, no host reads of its step counts); null: where it can
 
 
 @dataclass

@@ -509,9 +509,11 @@ class Trainer:
 def _optimizer(optim, parameters: list, lr: float) -> torch.optim.Optimizer:
     if optim.optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
-    # fused Adam on GPUs: one kernel for all parameters, and its step counters never need reading on the host;
-    # not for FSDP's sharded parameters (DTensors), and not on CPUs, where it rounds otherwise than FSDP's Adam
-    fused = all(p.is_cuda and not hasattr(p, "device_mesh") for p in parameters)
+    # fused Adam: one kernel for all parameters, and its step counters never need reading on the host;
+    # not for FSDP's sharded parameters (DTensors)
+    fused = optim.fused
+    if fused is None:
+        fused = not any(hasattr(p, "device_mesh") for p in parameters)
     return torch.optim.Adam(parameters, lr=lr, betas=tuple(optim.betas), eps=optim.eps,
                             weight_decay=optim.weight_decay, fused=fused or None)
 
