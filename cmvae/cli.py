@@ -152,7 +152,7 @@ def _tell_precision(args: argparse.Namespace, pipe) -> None:
     """After the first output, which precision `--dtype auto` chose (once per command)."""
     if args.dtype == "auto" and not getattr(args, "precision_told", False):
         args.precision_told = True
-        _note(f"precision {pipe.precision.describe()}")
+        print(f"precision: {pipe.precision.describe()}", file=sys.stderr)
 
 
 def _encode_settings(args: argparse.Namespace):

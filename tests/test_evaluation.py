@@ -361,14 +361,15 @@ def test_eval_of_a_model_through_the_pipeline(tmp_path, capsys):
     tiny_model().save_pretrained(folder)
     encode_file(tmp_path / "clip.mkv", moving_pattern(10, 32, 40), codec="ffv1", pix_fmt="bgr0")
     code, _, stderr = run(["eval", str(tmp_path / "clip.mkv"), "--model", str(folder), "-o", str(tmp_path / "r"),
-                           "--no-plots", "--device", "cpu", "--chunk-frames", "4", "--tile", "0"], capsys)
+                           "--no-plots", "--device", "cpu", "--chunk-frames", "4", "--tile", "0", "--dtype", "float32"], capsys)
     assert code == 0, stderr
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["mode"] == "model" and report["videos"][0]["frames"] == 10
     assert report["videos"][0]["chunk_starts"] == [4, 8]  # 10 frames padded to 12, chunks of 4
     assert "chunk_frames=4" in report["source"]["reconstruction"]
 
-    pipe = VideoPipeline(CrossModalVAE.from_pretrained(folder), PipelineSettings(chunk_frames=4, tile=0, device="cpu"))
+    pipe = VideoPipeline(CrossModalVAE.from_pretrained(folder), PipelineSettings(chunk_frames=4, tile=0, device="cpu",
+                                                                                 dtype="float32"))
     frames = decode_rgb(tmp_path / "clip.mkv")
     recon = np.round(np.clip(pipe.reconstruct_array(frames), 0, 1) * np.float32(255))
     expected = [10 * np.log10(255.0**2 / np.mean((frames[t] - recon[t]) ** 2)) for t in range(10)]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..files import atomic_path
+from ..files import install_folder, staging_folder
 from ..video_io import MediaError, is_image_path
 from .data import (BatchPlan, MediaItem, SampleSettings, SkipSample, TrainingBatches, clip_indices, cover_size,
                    decode_frames, frame_count)
@@ -34,6 +34,7 @@ from .data import (BatchPlan, MediaItem, SampleSettings, SkipSample, TrainingBat
 logger = logging.getLogger(__name__)
 
 PACK_FORMAT = "cmvae-pack-1"
+PACK_FILES = ("frames.u8", "index.json")
 PACK_SEPARATOR = "::"  # items of a pack are named FOLDER::NAME
 DEVICE_SHARE = 0.3  # at most this share of the free GPU memory goes to the store
 
@@ -44,11 +45,13 @@ DEVICE_SHARE = 0.3  # at most this share of the free GPU memory goes to the stor
 def write_pack(folder: str | os.PathLike, items: Iterable[tuple]) -> Path:
     """Write items (name, caption, frames (T, H, W, 3) uint8[, repeat]) as a pack folder, atomically.
 
-    An item with `repeat` n is stored once and listed n times (drawn n times as often)."""
+    An item with `repeat` n is stored once and listed n times (drawn n times as often). An existing
+    pack is replaced; any other non-empty folder is refused (nothing of the user's is deleted)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    replaced = _replaceable_pack_files(folder)
     entries, offset = [], 0
-    with atomic_path(folder, directory=True) as staging:
+    with staging_folder(folder) as staging:
         with (staging / "frames.u8").open("wb") as raw:
             for name, caption, frames, *repeat in items:
                 frames = np.ascontiguousarray(frames, dtype=np.uint8)
@@ -59,11 +62,21 @@ def write_pack(folder: str | os.PathLike, items: Iterable[tuple]) -> Path:
                                 "repeat": int(repeat[0]) if repeat else 1})
                 offset += frames.nbytes
         (staging / "index.json").write_text(json.dumps({"format": PACK_FORMAT, "items": entries}))
+        install_folder(staging, folder, replaced)
+    read_pack.cache_clear()
     return folder
 
 
+def _replaceable_pack_files(folder: Path) -> list[str]:
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return []
+    if not is_pack(folder):
+        raise FileExistsError(f"cannot write a pack to {folder}: it exists, is not empty and is not a pack")
+    return list(PACK_FILES)
+
+
 def is_pack(folder: Path) -> bool:
-    return (folder / "index.json").is_file() and (folder / "frames.u8").is_file()
+    return all((folder / name).is_file() for name in PACK_FILES)
 
 
 @functools.cache
