@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from .memory import Budget, LiveTensors, format_size, memory_in_use, return_large_frees_at_once
 from .models.banded import plan_level, run_level
@@ -70,7 +72,8 @@ class LevelsWithinBudget:
         name = f"{'encoder' if call.coder is self.model.encoder else 'decoder'} level {call.level}"
         if whole <= allowance:
             self.records.append(LevelRecord(name, "whole", "", allowance, whole))
-            return call(x)
+            with OneDnnConvolutions():
+                return call(x)
         plan = plan_level(call, x.shape, x.element_size(), allowance)
         if plan is not None:
             self._record(LevelRecord(name, "bands", plan.describe(), allowance, plan.peak_bytes))
@@ -92,7 +95,7 @@ class LevelsWithinBudget:
         key = (id(call.coder), call.level, call.video, call.text is None, x.dtype, x.shape[1], layout, x.device)
         if key not in self._per_pixel:
             crop = x[..., :_PROBE_FRAMES, :_PROBE_ROWS, :_PROBE_COLUMNS].contiguous(memory_format=layout)
-            with LiveTensors() as live:
+            with OneDnnConvolutions(), LiveTensors() as live:
                 out = call(crop)
             pixels = _pixels(crop)
             self._per_pixel[key] = (live.peak / pixels, out.numel() * out.element_size() / pixels)
@@ -116,6 +119,36 @@ class LevelsWithinBudget:
             self._told = True
             self.notify(f"{self.budget.describe()}: levels that do not fit whole run in bands of rows, exactly "
                         f"(first: {record.name}, {record.how})")
+
+
+class OneDnnConvolutions(TorchFunctionMode):
+    """Within the block, float32 convolutions on the CPU run through oneDNN, as they do in bands.
+
+    PyTorch sends a convolution whose batch x channels x frames x rows is at most 20480 (thin layers,
+    short chunks, the probe's crop) to a native kernel that unfolds its input into a buffer of 9 (or 27)
+    times the input's size, allocated inside the kernel where `LiveTensors` cannot see it: a whole level
+    of 8 channels then peaked at 4-6 times its measured working set. oneDNN needs no such buffer.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.conv3d:
+            convolution = _onednn_conv3d(*args, **kwargs)
+            if convolution is not None:
+                return convolution
+        return func(*args, **kwargs)
+
+
+def _onednn_conv3d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor | None:
+    """`F.conv3d` through oneDNN, or None where oneDNN does not apply (not float32 on the CPU, or padding
+    given by name)."""
+    usable = (x.device.type == "cpu" and x.dtype == torch.float32 and not isinstance(padding, str)
+              and torch.backends.mkldnn.is_available())
+    if not usable:
+        return None
+    triple = lambda v: list(v) if isinstance(v, (tuple, list)) else [v] * 3  # noqa: E731
+    return torch.ops.aten.mkldnn_convolution(x, weight, bias, triple(padding), triple(stride), triple(dilation),
+                                             groups)
 
 
 def _pixels(x: torch.Tensor) -> int:

@@ -241,7 +241,8 @@ class LiveTensors(TorchDispatchMode):
         self.current -= self.live.pop(address, 0)
 
 
-_CONVOLUTIONS = {torch.ops.aten.convolution.default, torch.ops.aten.conv3d.default, torch.ops.aten.conv2d.default}
+_CONVOLUTIONS = {torch.ops.aten.convolution.default, torch.ops.aten.conv3d.default, torch.ops.aten.conv2d.default,
+                 torch.ops.aten.mkldnn_convolution.default}
 
 
 def _reordered_input_bytes(x: torch.Tensor) -> int:
