@@ -94,6 +94,22 @@ def matmul_peak(device: torch.device) -> tuple[float, str]:
     return 2 * n ** 3 * repeats / (time.perf_counter() - started), str(dtype).removeprefix("torch.")
 
 
+def write_profile(trainer, batches, out: Path, steps: int = 2) -> None:
+    """Where a training step's time goes: operators by their own time (children excluded), and the
+    trainer's phases (data, forward, backward, optimizer, EMA) as recorded by `record_function`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            trainer.train_step(batches)
+        synchronize(trainer.device)
+    sort = "self_cuda_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"{steps} steps; {platform.processor() or platform.machine()}, torch {torch.__version__}\n"
+                   + prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
+
+
 def measure(args, workload: str, peak: float) -> dict:
     from cmvae.training import config_from_dict
     from cmvae.training.trainer import Trainer
@@ -110,6 +126,8 @@ def measure(args, workload: str, peak: float) -> dict:
         trainer.train_step(batches)
     synchronize(trainer.device)
     seconds = time.perf_counter() - started
+    if args.profile:
+        write_profile(trainer, batches, args.profile.with_name(f"{args.profile.stem}-{workload}.txt"))
     data = trainer.config.data
     per_step = data.image_batch_size if workload == "image" else data.batch_size
     rate = per_step * args.steps / seconds
@@ -137,6 +155,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--label", default="new")
+    parser.add_argument("--profile", type=Path, help="also profile two steps: PATH-WORKLOAD.txt, operators by own time")
     parser.add_argument("--scratch", type=Path, default=Path("runs/train-speed"))
     parser.add_argument("--out", type=Path, help="JSON file: rows are appended to what it holds")
     args = parser.parse_args()

@@ -15,6 +15,7 @@ import yaml
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
+from torch.profiler import record_function
 
 from ..checkpoints import save_model
 from ..device import resolve_precision
@@ -289,22 +290,27 @@ class Trainer:
         sums: dict = defaultdict(float)
         pending = []
         for micro in range(optim.grad_accum):
-            batch = next(batches)
+            with record_function("step/data"):
+                batch = next(batches)
             self._note_batch(batch)
             with distributed.gradient_sync(self.engine, micro == optim.grad_accum - 1):
-                terms, total, reconstruction, target = self._autoencoder_pass(batch, gan_on)
-                (total / optim.grad_accum).backward()
+                with record_function("step/forward"):
+                    terms, total, reconstruction, target = self._autoencoder_pass(batch, gan_on)
+                with record_function("step/backward"):
+                    (total / optim.grad_accum).backward()
             for name, value in terms.items():
                 sums[f"loss/{name}"] = sums[f"loss/{name}"] + value / optim.grad_accum
             sums[f"count/{batch['kind']}"] += len(batch["captions"])
             if gan_on:
                 pending.append((target, reconstruction, batch["kind"]))
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), optim.grad_clip or math.inf)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        self.optimizer.step()
+        with record_function("step/optimizer"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), optim.grad_clip or math.inf)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            self.optimizer.step()
         sums["loss/disc"] = self._discriminator_step(pending) if gan_on else 0.0
         if self.ema is not None:
-            self.ema.update(self.step)
+            with record_function("step/ema"):
+                self.ema.update(self.step)
         self.step += 1
         self.samples_seen += int(sums.get("count/video", 0) + sums.get("count/image", 0)) * self.context.world
         metrics = dict(sums, **{"train/grad_norm": grad_norm.detach(), "train/lr": self.optimizer.param_groups[0]["lr"],
