@@ -16,6 +16,7 @@ budget leaves:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -72,7 +73,7 @@ class LevelsWithinBudget:
         name = f"{'encoder' if call.coder is self.model.encoder else 'decoder'} level {call.level}"
         if whole <= allowance:
             self.records.append(LevelRecord(name, "whole", "", allowance, whole))
-            with OneDnnConvolutions():
+            with OneDnnConvolutions() if _native_kernel_may_unfold(x) else contextlib.nullcontext():
                 return call(x)
         plan = plan_level(call, x.shape, x.element_size(), allowance)
         if plan is not None:
@@ -149,6 +150,12 @@ def _onednn_conv3d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
     triple = lambda v: list(v) if isinstance(v, (tuple, list)) else [v] * 3  # noqa: E731
     return torch.ops.aten.mkldnn_convolution(x, weight, bias, triple(padding), triple(stride), triple(dilation),
                                              groups)
+
+
+def _native_kernel_may_unfold(x: torch.Tensor) -> bool:
+    """Only float32 CPU convolutions can take PyTorch's unfolding kernel; elsewhere the mode would only add
+    a Python call to every operation."""
+    return x.device.type == "cpu" and x.dtype == torch.float32
 
 
 def _pixels(x: torch.Tensor) -> int:
