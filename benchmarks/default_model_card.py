@@ -87,12 +87,12 @@ def plot_history(points: list[dict], out: Path) -> None:
 
     figure = Figure(figsize=(11, 4))
     loss_axis, psnr_axis = figure.subplots(1, 2)
-    for stage in dict.fromkeys(p["stage"] for p in points):
+    for number, stage in enumerate(dict.fromkeys(p["stage"] for p in points)):
         for axis, tag in ((loss_axis, "loss/l1"), (psnr_axis, "val/psnr")):
             series = [(p["samples"], p[tag]) for p in points if p["stage"] == stage and tag in p]
             if series:
                 samples, values = zip(*series)
-                axis.plot(samples, values, marker="o", markersize=3, label=stage)
+                axis.plot(samples, values, marker="o", markersize=3, label=stage, color=f"C{number}")
     loss_axis.set(ylabel="training L1 (mean absolute error on [-1, 1])", yscale="log")
     psnr_axis.set(ylabel="held-out carphone PSNR (dB), first 16 frames")
     for axis in (loss_axis, psnr_axis):

@@ -15,6 +15,9 @@ pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").is_file(
 # What the shipped model measures on the whole clip is in docs/default-model.md; this floor sits below it
 # and far above what untrained weights give (about 10 dB), so a broken file or loader fails here.
 SHIPPED_MODEL_FLOOR_DB = 19.5
+# The model shipped before the CPU refinement: 20.32 dB on all 120 frames (float32, untiled). Issue 15,
+# without a GPU, asks for 0.5 dB more from CPU training.
+EARLIER_MODEL_DB = 20.32
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -59,6 +62,18 @@ def test_shipped_model_is_the_documented_architecture(model):
 def test_shipped_model_reconstructs_the_held_out_clip(carphone, untiled):
     assert untiled.shape == carphone.shape and untiled.dtype == np.uint8
     assert psnr(untiled, carphone) > SHIPPED_MODEL_FLOOR_DB
+
+
+def test_shipped_model_improves_on_the_earlier_one_on_carphone(model, carphone):
+    """Mean per-frame PSNR over all 120 frames (the model card's protocol), float32 on every CPU. The
+    bicubic baseline that keeps as many values (7x down and up) is computed here on the same frames:
+    its documented figure pins the baseline."""
+    from cmvae.demo import bicubic
+
+    ours = frame_psnrs(reconstruct(model, carphone, tile=0, dtype="float32"), carphone).mean()
+    baseline = frame_psnrs(to_uint8(bicubic(carphone)), carphone).mean()
+    assert baseline == pytest.approx(21.41, abs=0.01)
+    assert ours >= EARLIER_MODEL_DB + 0.5, (ours, baseline)
 
 
 def test_tiled_output_agrees_with_untiled(model, carphone):
