@@ -21,26 +21,10 @@ from cmvae.checkpoints import DEFAULT_MODEL_DIR
 from cmvae.cli import main
 from cmvae.video_io import probe, read_video, write_video
 
+from cli_run import assert_one_error_line, run
 from media import moving_pattern
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as stop:  # argparse
-        code = stop.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_error_line(err: str, command: str) -> str:
-    """The error line, after checking that it is the only one and that no traceback came with it."""
-    assert "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert len(errors) == 1 and errors[0].startswith(f"cmvae {command}: error: "), err
-    return errors[0]
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

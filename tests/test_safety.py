@@ -20,28 +20,12 @@ import torch
 from safetensors.torch import save_file
 
 from cmvae import CrossModalVAE, load_model, save_model
-from cmvae.cli import main
 from cmvae.video_io import read_video, write_video
 
+from cli_run import assert_one_error_line, run
 from media import moving_pattern
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    """`cmvae ARGS` in this process: exit status, stdout, stderr."""
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as stop:  # argparse
-        code = stop.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_error_line(err: str, command: str) -> None:
-    assert "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert len(errors) == 1 and errors[0].startswith(f"cmvae {command}: error: "), err
 
 
 def digest(path: Path) -> str:
