@@ -35,9 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .groupnorm import RowSums, normalize
-from .layers import Downsample
 from .resnet import ResnetBlock
-from .spatial import LevelCall, SpatialDecoder, SpatialEncoder
+from .spatial import LevelCall, SpatialEncoder
 
 Stats = tuple[torch.Tensor, torch.Tensor]  # per-(sample, channel) mean and variance
 
