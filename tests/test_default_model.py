@@ -119,16 +119,17 @@ def test_float16_agrees_with_float32(model, carphone):
 
 
 def test_demo_writes_the_reconstruction_and_reports_its_scores(carphone, untiled, tmp_path):
-    """`cmvae demo` (the README's main job) scores the lossless file it wrote: the same frames as the
-    pipeline gives in memory, so the same per-frame PSNR, pooled."""
+    """`cmvae demo` (the README's main job) scores the lossless file it wrote, and that file holds what
+    the pipeline gives in memory (the demo runs within the default memory budget: whole levels, which
+    in float32 round otherwise than `tile=0`'s thin-layer kernel, so equal up to rounding)."""
     from cmvae.demo import run_demo
 
     lines = []
     results = run_demo(output_dir=tmp_path / "out", device="cpu", out=lines.append)
     written = read_video(tmp_path / "out" / "carphone_pristine_reconstructed.mp4")
     side_by_side = read_video(tmp_path / "out" / "carphone_pristine_side_by_side.mp4")
-    assert np.array_equal(written, untiled)
+    assert written.shape == untiled.shape and psnr(written, untiled) >= 60.0
     assert side_by_side.shape == (120, 144, 352, 3)
-    assert results["psnr"] == pytest.approx(frame_psnrs(untiled, carphone).mean(), abs=1e-6)
+    assert results["psnr"] == pytest.approx(frame_psnrs(written, carphone).mean(), abs=1e-6)
     assert results["frames"] == 120 and 15 < results["bicubic_psnr"] < 30
     assert any("PSNR" in line for line in lines)
