@@ -21,6 +21,7 @@ from cmvae.pipeline import PipelineSettings, VideoPipeline
 from cmvae.video_io import write_video
 
 from media import moving_pattern
+from random_models import with_temporal_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = Path(__file__).resolve().parent / "run_within_budget.py"
@@ -74,22 +75,13 @@ def test_reconstruct_help_names_the_budget(capsys):
 # ---- exact whatever the budget ----------------------------------------------------------------------
 
 
-def _with_temporal_layers(model: CrossModalVAE) -> CrossModalVAE:
-    """Random weights, and temporal layers that are not zero as they are in a fresh model."""
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "_tmp" in name:
-                parameter.normal_(0, 0.02)
-    return model.eval()
-
-
 @pytest.mark.parametrize("room, size, ways", [(0, (48, 64), {"tiles"}), (24 * 2**20, (64, 192), {"bands", "whole"})])
 def test_a_small_budget_gives_the_untiled_output(room, size, ways):
     """With no room beside what the process holds every level runs in tiles; with a little room the
     full-resolution levels run in bands and the deeper ones whole. Either way the float32 output is the
     untiled output up to rounding."""
     torch.manual_seed(0)
-    model = _with_temporal_layers(CrossModalVAE.from_preset("tiny"))
+    model = with_temporal_layers(CrossModalVAE.from_preset("tiny"))
     frames = moving_pattern(4, *size)
     run = lambda **s: VideoPipeline(model, PipelineSettings(device="cpu", dtype="float32", **s))  # noqa: E731
     untiled = run(tile=0).reconstruct_array(frames)

@@ -12,6 +12,8 @@ from cmvae import CrossModalVAE
 from cmvae.pipeline import PipelineSettings, VideoPipeline
 from cmvae.tiling import TileSettings, tile_spans, tiled_apply
 
+from random_models import with_temporal_layers
+
 
 @pytest.mark.parametrize("size, tile, overlap, align",
                          [(100, 32, 8, 1), (200, 64, 16, 8), (37, 16, 4, 1), (64, 64, 8, 8), (352, 256, 64, 2),
@@ -141,19 +143,10 @@ def test_the_model_runs_each_level_through_local_map():
     assert seen == encoder + decoder
 
 
-def _with_temporal_layers(model: CrossModalVAE) -> CrossModalVAE:
-    """Random weights, and temporal layers that are not zero as they are in a fresh model."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "_tmp" in name:
-                p.normal_(0, 0.02)
-    return model.eval()
-
-
 def test_pipeline_tiles_large_frames_and_keeps_their_size_and_output():
     """Random frames: exact statistics give the untiled output; per-tile statistics do not."""
     torch.manual_seed(0)
-    model = _with_temporal_layers(CrossModalVAE.from_preset("tiny"))
+    model = with_temporal_layers(CrossModalVAE.from_preset("tiny"))
     frames = (torch.rand(4, 40, 144, 3) * 255).to(torch.uint8).numpy()  # tiles at 1/1 and 1/2 resolution
     run = lambda **s: VideoPipeline(model, PipelineSettings(device="cpu", dtype="float32", **s)).reconstruct_array(frames)  # noqa: E731
     untiled = run(tile=0)
@@ -168,7 +161,7 @@ def test_exact_tiles_keep_the_cross_attention_patches_on_the_frames_grid():
     """With text, every level's cross-attention works on patches of 8 frame pixels; tiles that start
     off that grid would cut them differently from the whole frame."""
     torch.manual_seed(0)
-    model = _with_temporal_layers(CrossModalVAE.from_preset("tiny-text"))
+    model = with_temporal_layers(CrossModalVAE.from_preset("tiny-text"))
     text = {"context": torch.randn(1, 5, model.cfg.context_dim), "context_mask": torch.ones(1, 5)}
     video = torch.rand(1, 3, 4, 40, 144) * 2 - 1  # tiles at 1/1 and 1/2 resolution
     local_map = VideoPipeline(model, PipelineSettings(device="cpu", dtype="float32", tile=64, tile_overlap=32))._tiler()
