@@ -1,59 +1,19 @@
 """The `cmvae` command line: a thin layer over the Python API.
 
-Only the standard library is imported before a command runs, so that `cmvae --help` is quick and
-Ctrl-C (or SIGTERM, SIGHUP) at any moment ends the command with one line.
+The inference commands live here; `eval`/`compare` (`evaluation_command`) and `train`/`export`
+(`training.command`) register theirs on the same parser. All of them share `command_core`. Only the
+standard library is imported before a command runs, so that `cmvae --help` is quick.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import logging
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
-PIPELINE_OPTIONS = ("chunk_frames", "tile", "tile_overlap", "tile_norm")  # defaults: PipelineSettings'
-
-
-class CommandError(Exception):
-    """An error the user can fix; reported in one line with a non-zero exit."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """Reports a bad command line in one line, like every other error (exit status 2)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-    def parse_known_args(self, args=None, namespace=None):
-        """The pipeline's defaults for the chunk and tile options left unset: imported once the command
-        line is parsed (not for --help, which ends the parsing); `pipeline_defaults` names them."""
-        namespace, extras = super().parse_known_args(args, namespace)
-        if getattr(namespace, "pipeline_defaults", None) == []:
-            from .pipeline import PipelineSettings
-
-            defaults = PipelineSettings()
-            namespace.pipeline_defaults = [name for name in PIPELINE_OPTIONS if getattr(namespace, name) is None]
-            for name in namespace.pipeline_defaults:
-                setattr(namespace, name, getattr(defaults, name))
-        return namespace, extras
-
-
-class _HelpFormatter(argparse.HelpFormatter):
-    """Shows the pipeline's defaults, imported only when help is printed (the import is slow)."""
-
-    def _expand_help(self, action: argparse.Action) -> str:
-        if action.dest in PIPELINE_OPTIONS and action.default is None:
-            from .pipeline import PipelineSettings
-
-            action = copy.copy(action)
-            action.default = getattr(PipelineSettings(), action.dest)
-        return super()._expand_help(action)
+from .command_core import DTYPE_NAMES, CommandError, HelpFormatter, new_parser, run
 
 
 # ---- shared options --------------------------------------------------------------------------------
@@ -96,7 +56,7 @@ def _add_model_options(parser: argparse.ArgumentParser, dtype: str = "auto") -> 
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.set_defaults(pipeline_defaults=[])  # filled in by _Parser.parse_known_args
+    parser.set_defaults(pipeline_defaults=[])  # filled in by Parser.parse_known_args
     group = parser.add_argument_group("chunks and tiles")
     group.add_argument("--chunk-frames", type=int, help="frames per temporal chunk (x4; default 16)")
     group.add_argument("--chunk-overlap", type=int,
@@ -385,11 +345,9 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="cmvae", description="Cross-modal Video VAE: encode, decode, reconstruct.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser, commands = new_parser("Cross-modal Video VAE: encode, decode, reconstruct, evaluate, train.")
 
-    runs = dict(formatter_class=_HelpFormatter)
+    runs = dict(formatter_class=HelpFormatter)
     rec = commands.add_parser("reconstruct", help="encode and decode a video, image or folder of them", **runs)
     rec.add_argument("input", help="video, image or folder")
     rec.add_argument("-o", "--output", help="output file (folder for a folder input); default: "
@@ -455,71 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP: stop as on Ctrl-C, removing unfinished outputs on the way out."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _terminate(signum: int, frame) -> None:
-    for stop in (signal.SIGTERM, signal.SIGHUP):  # a second signal must not cut the clean-up short
-        signal.signal(stop, signal.SIG_IGN)
-    raise Terminated(signum)
-
-
-@contextlib.contextmanager
-def _stop_signals_as_interrupts():
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-    previous = {stop: signal.signal(stop, _terminate) for stop in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for stop, handler in previous.items():
-            signal.signal(stop, handler)
-
-
-def _user_error(error: Exception) -> bool:
-    """An error to report in one line; anything else is a bug and keeps its traceback."""
-    if isinstance(error, (CommandError, ValueError, OSError)):
-        return True
-    from .text import TextEncoderUnavailable
-
-    return isinstance(error, TextEncoderUnavailable)
-
-
-def _one_line(error: Exception) -> str:
-    if isinstance(error, OSError) and error.strerror:
-        message = f"{error.filename or ''}: {error.strerror}".lstrip(": ")
-    else:
-        message = str(error) or type(error).__name__
-    return " ".join(message.split())
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    command = next((a for a in argv if not a.startswith("-")), None)  # named before parsing, which can be stopped
-    name = f"cmvae {command}" if command else "cmvae"
-    with _stop_signals_as_interrupts():
-        try:
-            args = build_parser().parse_args(argv)
-            logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-            args.run(args)
-        except Terminated as stop:
-            print(f"{name}: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
-            return 128 + stop.signum
-        except KeyboardInterrupt:
-            print(f"{name}: interrupted", file=sys.stderr)
-            return 130
-        except Exception as error:  # noqa: BLE001 - user errors in one line, bugs with their traceback
-            if not _user_error(error):
-                raise
-            print(f"{name}: error: {_one_line(error)}", file=sys.stderr)
-            return 1
-    return 0
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":

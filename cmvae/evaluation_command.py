@@ -1,7 +1,7 @@
 """The `cmvae eval` and `cmvae compare` commands.
 
 `register(subparsers)` adds both to the `cmvae` command line; `python -m cmvae.evaluation_command eval ...`
-is the same as `cmvae eval ...` (also under `torchrun`).
+runs them alone (also under `torchrun`).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def _check_eval_arguments(args: argparse.Namespace) -> None:
-    from .cli import CommandError
+    from .command_core import CommandError
 
     if (args.reconstructions is None) == (args.model is None):
         raise CommandError("give either a folder of reconstructions or --model (to reconstruct the dataset), not both")
@@ -198,10 +198,12 @@ def register(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`cmvae` itself: `python -m cmvae.evaluation_command eval ...` is `cmvae eval ...`."""
-    from .cli import main as cli_main
+    """The eval and compare commands alone, as `cmvae` runs them."""
+    from .command_core import new_parser, run
 
-    return cli_main(argv)
+    parser, commands = new_parser("Cross-modal Video VAE: eval and compare.")
+    register(commands)
+    return run(parser, argv)
 
 
 if __name__ == "__main__":

@@ -190,6 +190,36 @@ def test_help_does_not_import_pytorch():
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
 
 
+def test_python_dash_m_cmvae_is_the_command_line_with_a_version():
+    import cmvae
+
+    env = subprocess_env()
+    helped = subprocess.run([sys.executable, "-m", "cmvae", "--help"], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert helped.returncode == 0, helped.stderr
+    for command in ("reconstruct", "encode-dataset", "eval", "compare", "train", "export", "demo"):
+        assert command in helped.stdout
+    version = subprocess.run([sys.executable, "-m", "cmvae", "--version"], env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert version.returncode == 0 and version.stdout.strip() == f"cmvae {cmvae.__version__}", version.stderr
+    wrong = subprocess.run([sys.executable, "-m", "cmvae", "reconstrut"], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr
+
+
+def test_command_modules_do_not_import_the_top_level_parser():
+    check = ("import sys; import cmvae.evaluation_command, cmvae.training.command; "
+             "from cmvae.evaluation_command import main; main(['--help'])")
+    result = subprocess.run([sys.executable, "-c", check], env=subprocess_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "eval" in result.stdout, result.stderr
+    leaked = subprocess.run([sys.executable, "-c", "import sys, cmvae.evaluation_command, cmvae.training.command; "
+                             "from cmvae.training.command import main; "
+                             "print('cmvae.cli' in sys.modules)"], env=subprocess_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert leaked.stdout.strip() == "False", leaked.stderr
+
+
 # ---- messages and silent acceptance ---------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """`cmvae train CONFIG [key=value ...]` and `cmvae export RUN -o FOLDER`.
 
 `register(subparsers)` adds both to the `cmvae` command line; `python -m cmvae.training.command train ...`
-is the same as `cmvae train ...` (also under `torchrun`).
+runs them alone (also under `torchrun`).
 """
 
 from __future__ import annotations
@@ -53,10 +53,12 @@ def register(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`cmvae` itself: `python -m cmvae.training.command train ...` is `cmvae train ...`."""
-    from ..cli import main as cli_main
+    """The train and export commands alone, as `cmvae` runs them."""
+    from ..command_core import new_parser, run
 
-    return cli_main(argv)
+    parser, commands = new_parser("Cross-modal Video VAE: train and export.")
+    register(commands)
+    return run(parser, argv)
 
 
 if __name__ == "__main__":

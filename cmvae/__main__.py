@@ -1,0 +1,7 @@
+"""`python -m cmvae ...` is `cmvae ...`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
