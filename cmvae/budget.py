@@ -16,18 +16,15 @@ budget leaves:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from .memory import Budget, LiveTensors, format_size, memory_in_use, return_large_frees_at_once
-from .models.banded import plan_level, run_level
+from .models.banded import LevelPlan, plan_level, run_level
 from .models.spatial import LevelCall
 from .tiling import tiled_apply
 
@@ -73,9 +70,8 @@ class LevelsWithinBudget:
         name = f"{'encoder' if call.coder is self.model.encoder else 'decoder'} level {call.level}"
         if whole <= allowance:
             self.records.append(LevelRecord(name, "whole", "", allowance, whole))
-            with OneDnnConvolutions() if _native_kernel_may_unfold(x) else contextlib.nullcontext():
-                return call(x)
-        plan = plan_level(call, x.shape, x.element_size(), allowance)
+            return call(x)
+        plan = self.band_plan(call, x, allowance)
         if plan is not None:
             self._record(LevelRecord(name, "bands", plan.describe(), allowance, plan.peak_bytes))
             return run_level(call, x, plan)
@@ -84,6 +80,13 @@ class LevelsWithinBudget:
                                  predicted))
         align = max(2, self.model.cfg.spatial_compression // scale)
         return tiled_apply(call, x, tile, overlap, align=align, norm_root=self.model, norm="exact")
+
+    @staticmethod
+    def band_plan(call: LevelCall, x: torch.Tensor, allowance: int) -> LevelPlan | None:
+        """Bands of at least 4 rows, else of any height: even bands of one or two rows cost far less than
+        square tiles, whose exact statistics take a pass per GroupNorm, each with a halo on four sides."""
+        return (plan_level(call, x.shape, x.element_size(), allowance)
+                or plan_level(call, x.shape, x.element_size(), allowance, min_rows=1))
 
     def whole_bytes(self, call: LevelCall, x: torch.Tensor) -> int:
         """The memory running the level on `x` whole adds, from its peak on a crop."""
@@ -96,7 +99,7 @@ class LevelsWithinBudget:
         key = (id(call.coder), call.level, call.video, call.text is None, x.dtype, x.shape[1], layout, x.device)
         if key not in self._per_pixel:
             crop = x[..., :_PROBE_FRAMES, :_PROBE_ROWS, :_PROBE_COLUMNS].contiguous(memory_format=layout)
-            with OneDnnConvolutions(), LiveTensors() as live:
+            with LiveTensors() as live:
                 out = call(crop)
             pixels = _pixels(crop)
             self._per_pixel[key] = (live.peak / pixels, out.numel() * out.element_size() / pixels)
@@ -120,42 +123,6 @@ class LevelsWithinBudget:
             self._told = True
             self.notify(f"{self.budget.describe()}: levels that do not fit whole run in bands of rows, exactly "
                         f"(first: {record.name}, {record.how})")
-
-
-class OneDnnConvolutions(TorchFunctionMode):
-    """Within the block, float32 convolutions on the CPU run through oneDNN, as they do in bands.
-
-    PyTorch sends a convolution whose batch x channels x frames x rows is at most 20480 (thin layers,
-    short chunks, the probe's crop) to a native kernel that unfolds its input into a buffer of 9 (or 27)
-    times the input's size, allocated inside the kernel where `LiveTensors` cannot see it: a whole level
-    of 8 channels then peaked at 4-6 times its measured working set. oneDNN needs no such buffer.
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.conv3d:
-            convolution = _onednn_conv3d(*args, **kwargs)
-            if convolution is not None:
-                return convolution
-        return func(*args, **kwargs)
-
-
-def _onednn_conv3d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor | None:
-    """`F.conv3d` through oneDNN, or None where oneDNN does not apply (not float32 on the CPU, or padding
-    given by name)."""
-    usable = (x.device.type == "cpu" and x.dtype == torch.float32 and not isinstance(padding, str)
-              and torch.backends.mkldnn.is_available())
-    if not usable:
-        return None
-    triple = lambda v: list(v) if isinstance(v, (tuple, list)) else [v] * 3  # noqa: E731
-    return torch.ops.aten.mkldnn_convolution(x, weight, bias, triple(padding), triple(stride), triple(dilation),
-                                             groups)
-
-
-def _native_kernel_may_unfold(x: torch.Tensor) -> bool:
-    """Only float32 CPU convolutions can take PyTorch's unfolding kernel; elsewhere the mode would only add
-    a Python call to every operation."""
-    return x.device.type == "cpu" and x.dtype == torch.float32
 
 
 def _pixels(x: torch.Tensor) -> int:

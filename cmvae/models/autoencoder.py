@@ -16,6 +16,7 @@ from torch import nn
 from .attention import TextContext
 from .config import CMVAEConfig, preset
 from .distributions import DiagonalGaussian
+from .layers import Conv3d
 from .spatial import LocalMap, SpatialDecoder, SpatialEncoder
 from .temporal import TemporalDecoder, TemporalEncoder
 
@@ -100,8 +101,8 @@ class CrossModalVAE(ModelMixin, ConfigMixin):
         self.encoder_temporal = TemporalEncoder(cfg)
         self.decoder_temporal = TemporalDecoder(cfg)
         zc = cfg.latent_channels
-        self.quant_conv = nn.Conv3d(2 * zc, 2 * zc, 1) if use_quant_conv else None
-        self.post_quant_conv = nn.Conv3d(zc, zc, 1) if use_quant_conv else None
+        self.quant_conv = Conv3d(2 * zc, 2 * zc, 1) if use_quant_conv else None
+        self.post_quant_conv = Conv3d(zc, zc, 1) if use_quant_conv else None
         self._text_encoder: list[CaptionEncoder] = []  # a list keeps it out of state_dict and .to()
 
     def to(self, *args, **kwargs) -> CrossModalVAE:

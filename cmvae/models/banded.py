@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .groupnorm import RowSums, normalize
+from .layers import onednn_applies
 from .resnet import ResnetBlock
 from .spatial import LevelCall, SpatialEncoder
 
@@ -56,10 +57,9 @@ def _pad_rows(x: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
 
 
 def _conv(x: torch.Tensor, conv: nn.Conv3d, padding: tuple[int, int, int]) -> torch.Tensor:
-    """`F.conv3d`, but float32 on the CPU always through oneDNN: PyTorch sends inputs with few rows (batch x
-    channels x frames x rows <= 20480) to a native kernel that is 8 times slower and rounds differently
-    from the oneDNN kernel that whole frames get."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+    """`F.conv3d`, float32 on the CPU through oneDNN as in `layers.Conv3d` (whole frames): PyTorch would send
+    bands, which have few rows, to a native kernel that is several times slower and rounds differently."""
+    if onednn_applies(x, conv.weight):
         return torch.ops.aten.mkldnn_convolution(x, conv.weight, conv.bias, list(padding), list(conv.stride),
                                                  list(conv.dilation), conv.groups)
     return F.conv3d(x, conv.weight, conv.bias, conv.stride, padding)

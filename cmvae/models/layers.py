@@ -1,4 +1,4 @@
-"""Small building blocks shared by both stages: float32 normalisations and (1,3,3) convolutions."""
+"""Small building blocks shared by both stages: float32 normalisations and convolutions."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ class GroupNorm32(nn.GroupNorm):
             return group_norm_rows(x, self)
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            # PyTorch's CPU kernel reads bfloat16 and computes in float32 itself: the same output, bit for
+            # bit, as through a float32 copy, 8 times faster (benchmarks/default_model_speed.py)
+            return F.group_norm(x, self.num_groups, weight, bias, self.eps)
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
@@ -34,17 +38,42 @@ class LayerNorm32(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
+class Conv3d(nn.Conv3d):
+    """`nn.Conv3d` whose float32 inference on the CPU always runs through oneDNN.
+
+    PyTorch sends float32 convolutions with batch x channels x frames x rows of at most 20480 (thin
+    layers, the deeper levels, the temporal autoencoder) to a native kernel that unfolds the input into
+    a buffer 9 or 27 times its size: on the default model that kernel took a third of the CPU time
+    (benchmarks/default_model_speed.py). oneDNN needs no buffer and is several times faster there; it
+    is also what bands of rows use (`banded.py`), so whole and banded levels round alike. Training
+    (gradients needed) keeps PyTorch's own dispatch, as does `torch.backends.mkldnn.flags(enabled=False)`.
+    """
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.padding_mode == "zeros" and isinstance(self.padding, tuple) and onednn_applies(x, weight):
+            return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(self.padding), list(self.stride),
+                                                     list(self.dilation), self.groups)
+        return super()._conv_forward(x, weight, bias)
+
+
+def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True for float32 CPU inference, where `torch.ops.aten.mkldnn_convolution` replaces `F.conv3d`."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+
+
 def group_norm(channels: int, groups: int, eps: float = 1e-6) -> GroupNorm32:
     return GroupNorm32(groups, channels, eps=eps)
 
 
-def spatial_conv(c_in: int, c_out: int, stride: int = 1, padding: int = 1) -> nn.Conv3d:
+def spatial_conv(c_in: int, c_out: int, stride: int = 1, padding: int = 1) -> Conv3d:
     """A 2D 3x3 convolution applied to every frame: Conv3d with kernel (1, 3, 3)."""
-    return nn.Conv3d(c_in, c_out, kernel_size=(1, 3, 3), stride=(1, stride, stride), padding=(0, padding, padding))
+    return Conv3d(c_in, c_out, kernel_size=(1, 3, 3), stride=(1, stride, stride), padding=(0, padding, padding))
 
 
-def pointwise_conv(c_in: int, c_out: int) -> nn.Conv3d:
-    return nn.Conv3d(c_in, c_out, kernel_size=1)
+def pointwise_conv(c_in: int, c_out: int) -> Conv3d:
+    return Conv3d(c_in, c_out, kernel_size=1)
 
 
 class Downsample(nn.Module):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import group_norm, pointwise_conv, spatial_conv
+from .layers import Conv3d, group_norm, pointwise_conv, spatial_conv
 
 
 class TemporalConv(nn.Module):
@@ -15,7 +15,7 @@ class TemporalConv(nn.Module):
     def __init__(self, channels: int, groups: int):
         super().__init__()
         self.norm = group_norm(channels, groups)
-        self.conv = nn.Conv3d(channels, channels, kernel_size=3, padding=1)
+        self.conv = Conv3d(channels, channels, kernel_size=3, padding=1)
         nn.init.zeros_(self.conv.weight)
         nn.init.zeros_(self.conv.bias)
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from .attention import CrossAttention, TextContext
 from .config import CMVAEConfig
-from .layers import group_norm
+from .layers import Conv3d, group_norm
 from .spatial import Checkpointed
 
 
@@ -18,7 +18,7 @@ class SamePadConv3d(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, stride: tuple[int, int, int] = (1, 1, 1), kernel: int = 3):
         super().__init__()
-        self.conv = nn.Conv3d(c_in, c_out, kernel_size=kernel, stride=stride)
+        self.conv = Conv3d(c_in, c_out, kernel_size=kernel, stride=stride)
         self.padding: list[int] = []
         for s in reversed(stride):  # F.pad lists the last dimension first
             total = kernel - s
