@@ -173,7 +173,7 @@ body {{ font: 14px sans-serif; margin: 16px; background: #fafafa; color: #222; }
 .row {{ display: flex; gap: 12px; align-items: flex-start; overflow-x: auto; }}
 .column {{ display: flex; flex-direction: column; gap: 4px; }}
 .column h3 {{ margin: 0; font-size: 14px; }}
-video {{ max-width: 480px; background: #000; }}
+video {{ width: 400px; background: #000; }}
 .note {{ color: #666; font-size: 12px; }}
 .controls {{ margin: 12px 0; display: flex; gap: 12px; align-items: center; }}
 #slider {{ width: 480px; }}
