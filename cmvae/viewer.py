@@ -166,6 +166,28 @@ def write_page(target: str | Path, original: np.ndarray, reconstructions: dict[s
     return Path(target)
 
 
+def write_file_page(target: str | Path, original: str | Path, reconstructions: list[str | Path],
+                    max_frames: int | None = None, attention: list[tuple[str, bytes]] | None = None,
+                    resize=None, stretch: bool = False) -> Path:
+    """The page for video files: an original and its reconstructions, each named by its file's name.
+    `resize`/`stretch` as the pipeline's: the original is resized like the reconstructions were."""
+    from .files import refuse_overwriting_input
+    from .video_io import probe, read_video
+
+    for path in [original, *reconstructions]:
+        refuse_overwriting_input(target, path)
+    frames = read_video(original, max_frames)
+    if resize is not None:
+        from .pipeline import resize_frames, to_tensor, to_uint8, to_unit
+
+        frames = to_uint8(to_unit(resize_frames(to_tensor(frames), resize, stretch)))
+    named: dict[str, np.ndarray] = {}
+    for path in reconstructions:
+        name = Path(path).stem if Path(path).stem not in named else str(path)
+        named[name] = read_video(path, max_frames)
+    return write_page(target, frames, named, probe(original).fps, f"cmvae: {Path(original).name}", attention)
+
+
 _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from .command_core import DTYPE_NAMES, CommandError
 
@@ -52,21 +51,10 @@ def run_attention(args: argparse.Namespace) -> None:
 
 
 def run_view(args: argparse.Namespace) -> None:
-    from .files import refuse_overwriting_input
-    from .viewer import read_attention_pictures, write_page
+    from .viewer import read_attention_pictures, write_file_page
 
-    target = Path(args.output)
-    for path in [args.original, *args.reconstruction]:
-        refuse_overwriting_input(target, path)
-    original, fps = _read_clip(args.original, args.max_frames, None)
-    reconstructions = {}
-    for path in args.reconstruction:
-        frames, _ = _read_clip(path, args.max_frames, None)
-        name = Path(path).stem
-        reconstructions[name if name not in reconstructions else path] = frames
     attention = read_attention_pictures(args.attention) if args.attention else None
-    write_page(target, original, reconstructions, fps, title=f"cmvae: {Path(args.original).name}",
-               attention=attention)
+    target = write_file_page(args.output, args.original, args.reconstruction, args.max_frames, attention)
     print(f"wrote {target} ({target.stat().st_size / 2**20:.1f} MB)")
 
 

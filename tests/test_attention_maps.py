@@ -169,6 +169,10 @@ def test_attention_command_writes_maps_overlays_and_a_video(tmp_path, capsys):
         assert image.shape == (1, 48, 64, 3)
     video = read_video(out / "overlay.mp4")
     assert video.shape == (8, 2 * (48 + 16), 2 * 64, 3)
+    page = tmp_path / "page.html"
+    code, _, err = run(capsys, "view", clip, clip, "--attention", out, "-o", page)
+    assert code == 0, err
+    assert page.read_text().count('src="data:image/png;base64,') == 4  # two words, two sides
 
 
 @pytest.mark.parametrize("extra, message", [

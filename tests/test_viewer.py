@@ -162,3 +162,48 @@ def test_the_page_plays_and_seeks_frame_accurately_in_chromium(page, tmp_path):
         assert (tmp_path / "viewer.png").stat().st_size > 10_000
     finally:
         driver.quit()
+
+
+# ---- the pages other commands write ---------------------------------------------------------------------
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2) / 255.0**2
+    return float(10 * np.log10(1 / mse))
+
+
+def test_reconstruct_writes_a_page_beside_its_output(tmp_path, capsys):
+    from cmvae.video_io import read_video
+
+    clip = encode_file(tmp_path / "clip.mp4", numbered_frames(8)[:, :, :64])
+    out = tmp_path / "clip_reconstructed.mp4"
+    code, stdout, err = run(capsys, "reconstruct", clip, "-o", out, "--model", "tiny", "--dtype", "float32",
+                            "--report-html")
+    assert code == 0, err
+    page = tmp_path / "clip_reconstructed.html"
+    assert f"wrote {page}" in stdout
+    (model,) = _page_data(page)["models"]
+    expected = [_psnr(a, b) for a, b in zip(read_video(clip), read_video(out))]
+    assert np.allclose(model["psnr"], expected, atol=1e-9)
+
+
+def test_eval_and_compare_write_a_page_per_clip(tmp_path, capsys):
+    truth, recon = tmp_path / "truth", tmp_path / "recon"
+    truth.mkdir(), recon.mkdir()
+    encode_file(truth / "a.mp4", numbered_frames(8))
+    encode_file(recon / "a.mp4", numbered_frames(8, shade=6))
+    code, _, err = run(capsys, "eval", truth, recon, "-o", tmp_path / "eval", "--no-lpips", "--no-plots",
+                       "--report-html")
+    assert code == 0, err
+    assert [m["name"] for m in _page_data(tmp_path / "eval" / "view_a.html")["models"]] == ["a"]
+    code, _, err = run(capsys, "eval", truth, "--model", "tiny", "--chunk-frames", "8", "-o", tmp_path / "eval_model",
+                       "--no-lpips", "--no-plots", "--report-html")
+    assert code == 0, err
+    assert [m["name"] for m in _page_data(tmp_path / "eval_model" / "view_a.html")["models"]] == ["tiny"]
+
+    code, _, err = run(capsys, "compare", truth, "--model", "one=tiny", "--model", "two=tiny", "--chunk-frames", "8",
+                       "--warmup", "0", "--no-lpips", "-o", tmp_path / "compare", "--report-html")
+    assert code == 0, err
+    page = tmp_path / "compare" / "view_a.html"
+    assert [m["name"] for m in _page_data(page)["models"]] == ["one", "two"]
+    assert page.read_text().count('src="data:video/mp4;base64,') == 5  # the original, and each model with its difference
