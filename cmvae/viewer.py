@@ -135,14 +135,14 @@ def _render(videos: dict[str, bytes], original: np.ndarray, reconstructions: lis
 
 
 def _column(name: str, video: bytes, difference: bytes | None) -> str:
+    """The video's column, and its difference heat map's column beside it."""
     label = html.escape(name)
-    parts = [f'<div class="column"><h3>{label}</h3>',
-             f'<video class="clip" muted playsinline preload="auto" data-name="{label}" '
-             f'src="{_data_uri("video/mp4", video)}"></video>']
+    parts = [f'<div class="column"><h3>{label}</h3><video class="clip" muted playsinline preload="auto" '
+             f'data-name="{label}" src="{_data_uri("video/mp4", video)}"></video></div>']
     if difference is not None:
-        parts.append(f'<video class="clip difference" muted playsinline preload="auto" data-name="{label} difference" '
-                     f'src="{_data_uri("video/mp4", difference)}"></video><div class="note">difference</div>')
-    parts.append("</div>")
+        parts.append(f'<div class="column"><h3>{label}: difference</h3><video class="clip difference" muted '
+                     f'playsinline preload="auto" data-name="{label} difference" '
+                     f'src="{_data_uri("video/mp4", difference)}"></video></div>')
     return "".join(parts)
 
 
@@ -195,7 +195,7 @@ body {{ font: 14px sans-serif; margin: 16px; background: #fafafa; color: #222; }
 .row {{ display: flex; gap: 12px; align-items: flex-start; overflow-x: auto; }}
 .column {{ display: flex; flex-direction: column; gap: 4px; }}
 .column h3 {{ margin: 0; font-size: 14px; }}
-video {{ width: 400px; background: #000; }}
+video {{ width: 320px; background: #000; }}
 .note {{ color: #666; font-size: 12px; }}
 .controls {{ margin: 12px 0; display: flex; gap: 12px; align-items: center; }}
 #slider {{ width: 480px; }}
