@@ -23,7 +23,9 @@ import torch.nn.functional as F
 
 from .chunking import ChunkSettings, window_starts
 from .models import CrossModalVAE
-from .models.attention import CrossAttention, recording_cross_attention
+from .models.attention import WHOLE_FRAME, CrossAttention, Region, recording_cross_attention
+from .models.groupnorm import row_statistics
+from .models.spatial import LocalMap
 
 SIDES = ("encoder", "decoder")
 DEFAULT_MEMORY_CAP = 2 * 2**30  # bytes the recorded maps may take
@@ -100,61 +102,85 @@ class AttentionMaps:
 
 
 class MapRecorder:
-    """Callback for `recording_cross_attention`: adds each layer's per-word weights into per-side sums.
+    """Callback for `recording_cross_attention`: writes each layer's per-word weights into its own map.
 
     The caller sets `start` (the video frame where the running chunk begins) and `keep_from` (frames before
-    it were recorded by an earlier, overlapping chunk), so every patch of every frame is recorded once per
-    layer; `counts` says how many layers recorded each frame."""
+    it were recorded by an earlier, overlapping chunk). Where the model runs in tiles or bands, the layers
+    say which part of the frame they saw and which part of that is kept (`Region`); only kept patches are
+    written, and a patch that a later pass computes again (tiling with exact statistics reruns layers)
+    overwrites its earlier value: every patch of every frame ends up recorded once per layer."""
 
     def __init__(self, names: dict[CrossAttention, tuple[str, str]], groups: torch.Tensor, frames: int,
-                 rows: int, cols: int, per_layer: bool = False, memory_cap: int = DEFAULT_MEMORY_CAP):
+                 rows: int, cols: int, memory_cap: int = DEFAULT_MEMORY_CAP):
         words = groups.shape[1]
-        per_side = {side: sum(1 for s, _ in names.values() if s == side) for side in SIDES}
-        maps = len(SIDES) + (sum(per_side.values()) if per_layer else 0)
-        needed = 4 * maps * words * frames * rows * cols
+        needed = (4 * words + 1) * frames * rows * cols * max(len(names), 1)
         if needed > memory_cap:
             raise ValueError(f"recording the maps needs {needed / 2**20:.0f} MiB, above the cap of "
                              f"{memory_cap / 2**20:.0f} MiB: choose fewer words, fewer frames or a smaller size "
-                             "(--resize), leave out --per-layer, or raise --max-record-memory")
-        self.names, self.groups, self.per_layer = names, groups, per_layer
+                             "(--resize), or raise --max-record-memory")
+        self.names, self.groups = names, groups
         self.shape = (words, frames, rows, cols)
-        self.sums = {side: torch.zeros(self.shape) for side in SIDES}
-        self.counts = {side: torch.zeros(frames) for side in SIDES}
         self.layers: dict[str, torch.Tensor] = {}
+        self.written: dict[str, torch.Tensor] = {}  # per layer: (frames, rows, cols) patches recorded
         self.start = 0
         self.keep_from = 0
         self.chunk_frames = frames
 
-    def __call__(self, layer: CrossAttention, probs: torch.Tensor, mask: torch.Tensor, grid) -> None:
-        side, name = self.names.get(layer, ("encoder", "layer"))
+    def __call__(self, layer: CrossAttention, probs: torch.Tensor, mask: torch.Tensor, grid,
+                 region: Region = WHOLE_FRAME) -> None:
+        if region.kept_rows is None:
+            return
+        _, name = self.names.get(layer, ("encoder", "layer"))
         b, t, rows, cols = grid
         kept = probs * (mask[:, None, None, :] > 0.5)  # padded and masked tokens: weight zero
         per_word = (kept @ self.groups.to(kept.device)).mean(dim=1)  # (b*t, patches, words), heads averaged
         per_word = per_word[:t].reshape(t, rows, cols, -1).permute(3, 0, 1, 2).cpu()  # first sample only
-        grid_maps = self._on_grid(per_word)
         first = max(self.keep_from, self.start)
-        last = min(self.start + grid_maps.shape[1], self.shape[1])
+        last = min(self.start + self.chunk_frames, self.shape[1])
         if last <= first:
             return
-        piece = grid_maps[:, first - self.start: last - self.start]
-        self.sums[side][:, first:last] += piece
-        self.counts[side][first:last] += 1
-        if self.per_layer:
-            self.layers.setdefault(name, torch.zeros(self.shape))[:, first:last] = piece
+        (r0, r1), (c0, c1) = self._cells(region.rows, 2), self._cells(region.cols, 3)
+        (k0, k1), (l0, l1) = self._cells(region.kept_rows, 2), self._cells(region.kept_cols, 3)
+        factor = (r1 - r0) // rows  # map cells per patch side
+        if factor < 1 or factor * rows != r1 - r0 or factor * cols != c1 - c0:
+            raise ValueError(f"layer {name}: a {rows}x{cols} patch grid does not tile map cells {r0}-{r1} x {c0}-{c1}")
+        maps = self._on_grid(per_word, factor)[:, first - self.start: last - self.start]
+        target = self.layers.setdefault(name, torch.zeros(self.shape))
+        target[:, first:last, k0:k1, l0:l1] = maps[:, :, k0 - r0:k1 - r0, l0 - c0:l1 - c0]
+        written = self.written.setdefault(name, torch.zeros(self.shape[1:], dtype=torch.bool))
+        written[first:last, k0:k1, l0:l1] = True
 
-    def _on_grid(self, per_word: torch.Tensor) -> torch.Tensor:
-        """(words, t, rows, cols) of one layer -> (words, chunk frames, grid rows, grid cols)."""
-        _, t, rows, cols = per_word.shape
-        grid_rows, grid_cols = self.shape[2], self.shape[3]
-        stride, factor = self.chunk_frames // t, grid_rows // rows
-        if factor * rows != grid_rows or factor * cols != grid_cols or stride * t != self.chunk_frames:
-            raise ValueError(f"a {t}x{rows}x{cols} patch grid does not tile a chunk of {self.chunk_frames} frames "
-                             f"on the {grid_rows}x{grid_cols} map grid")
+    def _cells(self, span: tuple[float, float], dim: int) -> tuple[int, int]:
+        size = self.shape[dim]
+        return round(span[0] * size), round(span[1] * size)
+
+    def _on_grid(self, per_word: torch.Tensor, factor: int) -> torch.Tensor:
+        """(words, t, rows, cols) of one layer -> (words, chunk frames, rows * factor, cols * factor)."""
+        stride = self.chunk_frames // per_word.shape[1]
         return (per_word.repeat_interleave(stride, dim=1).repeat_interleave(factor, dim=2)
                 .repeat_interleave(factor, dim=3))
 
     def means(self) -> dict[str, torch.Tensor]:
-        return {side: self.sums[side] / self.counts[side].clamp(min=1)[None, :, None, None] for side in SIDES}
+        """Per side, the mean over its layers (those that recorded anything)."""
+        out = {}
+        for side in SIDES:
+            names = [name for s, name in self.names.values() if s == side and name in self.layers]
+            total = torch.zeros(self.shape)
+            for name in names:
+                total += self.layers[name]
+            out[side] = total / max(len(names), 1)
+        return out
+
+    def records(self) -> dict[str, torch.Tensor]:
+        """Per side and frame: how many layers recorded every patch of the frame."""
+        out = {}
+        for side in SIDES:
+            counts = torch.zeros(self.shape[1])
+            for s, name in self.names.values():
+                if s == side and name in self.written:
+                    counts += self.written[name].flatten(1).all(dim=1)
+            out[side] = counts
+        return out
 
 
 def _padded(frames: np.ndarray, multiple: int, time_multiple: int) -> torch.Tensor:
@@ -170,12 +196,13 @@ def _padded(frames: np.ndarray, multiple: int, time_multiple: int) -> torch.Tens
 
 
 def attention_maps(model: CrossModalVAE, frames: np.ndarray, caption: str, text_encoder, words: list[str] | None = None,
-                   per_layer: bool = False, chunk_frames: int = 16, chunk_overlap: int = 4,
-                   memory_cap: int = DEFAULT_MEMORY_CAP) -> AttentionMaps:
+                   per_layer: bool = False, chunk_frames: int = 16, chunk_overlap: int | None = None,
+                   memory_cap: int = DEFAULT_MEMORY_CAP, local_map: LocalMap | None = None) -> AttentionMaps:
     """Per-word cross-attention maps of uint8 frames (T, H, W, 3) under `caption`, on the encoder and the
     decoder side. The clip runs in temporal chunks of `chunk_frames` (sharing `chunk_overlap` frames; a frame
-    two chunks share is recorded by the first), each chunk encoded and its latent's mean decoded, whole
-    frames at a time (no spatial tiling), in the model's dtype and on its device."""
+    two chunks share is recorded by the first; None: 4 for chunks of 8 frames or more, as the pipeline), each chunk encoded and its latent's mean decoded, in the
+    model's dtype and on its device; `local_map` runs the spatial levels (whole frames without it), e.g.
+    `VideoPipeline.local_map()`: in bands within a memory budget, or in tiles."""
     if not model.cfg.has_text:
         raise ValueError("this model has no text cross-attention (context_dim is None); attention maps need a "
                          "text model, e.g. the tiny-text preset with the minilm text encoder")
@@ -183,29 +210,30 @@ def attention_maps(model: CrossModalVAE, frames: np.ndarray, caption: str, text_
         raise ValueError(f"the text encoder gives {text_encoder.dim}-wide embeddings, the model expects "
                          f"{model.cfg.context_dim}")
     chosen = select_words(text_encoder.words(caption), words)
-    settings = ChunkSettings(chunk_frames, chunk_overlap)
+    overlap = chunk_overlap if chunk_overlap is not None else (4 if chunk_frames >= 8 else 0)
+    settings = ChunkSettings(chunk_frames, overlap)
     cfg = model.cfg
     x = _padded(frames, cfg.spatial_compression, cfg.temporal_compression)
     cell = map_cell(model)
     embeddings, mask = text_encoder([caption])
     parameter = next(model.parameters())
     recorder = MapRecorder(layer_names(model), token_groups(chosen, embeddings.shape[1]),
-                           x.shape[2], x.shape[3] // cell, x.shape[4] // cell, per_layer, memory_cap)
+                           x.shape[2], x.shape[3] // cell, x.shape[4] // cell, memory_cap)
     text = {"context": embeddings.to(parameter.device, parameter.dtype), "context_mask": mask.to(parameter.device)}
     starts = window_starts(x.shape[2], settings.frames, settings.overlap) if x.shape[2] > 1 else [0]
-    with torch.inference_mode(), recording_cross_attention(recorder):
+    with torch.inference_mode(), recording_cross_attention(recorder), row_statistics(local_map is not None):
         for start in starts:
             chunk = x[:, :, start:start + settings.frames].to(parameter.device, parameter.dtype)
             recorder.start, recorder.chunk_frames = start, chunk.shape[2]
-            latent = model.encode(chunk, **text).latent_dist.mode()
-            model.decode(latent, image_mode=chunk.shape[2] == 1, **text)
+            latent = model.encode(chunk, local_map=local_map, **text).latent_dist.mode()
+            model.decode(latent, image_mode=chunk.shape[2] == 1, local_map=local_map, **text)
             recorder.keep_from = start + chunk.shape[2]
-    means = recorder.means()
+    means, records = recorder.means(), recorder.records()
     keep = len(frames)
+    layers = {name: maps[:, :keep] for name, maps in recorder.layers.items()} if per_layer else {}
     return AttentionMaps(list(chosen), means["encoder"][:, :keep], means["decoder"][:, :keep], cell,
-                         frames.shape[1], frames.shape[2], caption,
-                         {name: maps[:, :keep] for name, maps in recorder.layers.items()},
-                         {side: recorder.counts[side][:keep] for side in SIDES})
+                         frames.shape[1], frames.shape[2], caption, layers,
+                         {side: records[side][:keep] for side in SIDES})
 
 
 # ---- pictures -----------------------------------------------------------------------------------------
@@ -234,13 +262,14 @@ def _labelled(image: np.ndarray, label: str) -> np.ndarray:
 
 
 def scaled_for_display(maps: AttentionMaps) -> dict[str, torch.Tensor]:
-    """Each side's maps divided by their largest value over the clip, per word, so that a word's
-    strongest patch is full colour (the safetensors keep the raw weights)."""
+    """Each side's maps stretched per word from their smallest to their largest value over the clip, so
+    that differences show even where the weights are nearly even (the safetensors keep the raw weights)."""
     shown = {}
     for side in SIDES:
-        values = maps.side(side)
-        peak = values.flatten(1).amax(dim=1).clamp(min=1e-12)[:, None, None, None]
-        shown[side] = values / peak
+        values = maps.side(side).flatten(1)
+        low, high = values.amin(dim=1), values.amax(dim=1)
+        scale = (high - low).clamp(min=1e-12)
+        shown[side] = (maps.side(side) - low[:, None, None, None]) / scale[:, None, None, None]
     return shown
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .models.attention import NOTHING_KEPT, in_region
 from .memory import Budget, LiveTensors, format_size, memory_in_use, return_large_frees_at_once
 from .models.banded import plan_level, run_level
 from .models.spatial import LevelCall
@@ -96,7 +97,7 @@ class LevelsWithinBudget:
         key = (id(call.coder), call.level, call.video, call.text is None, x.dtype, x.shape[1], layout, x.device)
         if key not in self._per_pixel:
             crop = x[..., :_PROBE_FRAMES, :_PROBE_ROWS, :_PROBE_COLUMNS].contiguous(memory_format=layout)
-            with OneDnnConvolutions(), LiveTensors() as live:
+            with OneDnnConvolutions(), LiveTensors() as live, in_region(NOTHING_KEPT):  # a trial, not the frame
                 out = call(crop)
             pixels = _pixels(crop)
             self._per_pixel[key] = (live.peak / pixels, out.numel() * out.element_size() / pixels)

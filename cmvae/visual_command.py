@@ -28,23 +28,25 @@ def _read_clip(path: str, max_frames: int | None, resize: int | None):
 def run_attention(args: argparse.Namespace) -> None:
     from .attention_maps import attention_maps, write_outputs
     from .checkpoints import resolve_model
-    from .device import resolve_device, resolve_dtype
     from .files import refuse_overwriting_input
     from .memory import parse_size
+    from .pipeline import PipelineSettings, VideoPipeline
     from .text import default_text_encoder, load_text_encoder
 
     refuse_overwriting_input(args.output, args.clip)
     cap = parse_size(args.max_record_memory)
-    device = resolve_device(args.device)
-    model = resolve_model(args.model, config=args.config).to(device=device, dtype=resolve_dtype(args.dtype)).eval()
+    settings = PipelineSettings(device=args.device, dtype=args.dtype, memory_budget=args.max_memory, tile=args.tile)
+    model = resolve_model(args.model, config=args.config)
     if not model.cfg.has_text:
         raise CommandError(f"model {args.model} has no text cross-attention (context_dim is None); attention maps "
                            "need a text model, e.g. --model tiny-text (random weights) or a trained text model")
     encoder = (load_text_encoder(args.text_encoder) if args.text_encoder
                else default_text_encoder(model.cfg.context_dim))
     frames, fps = _read_clip(args.clip, args.max_frames, args.resize)
-    maps = attention_maps(model, frames, args.caption, encoder, args.words, per_layer=args.per_layer,
-                          chunk_frames=args.chunk_frames, chunk_overlap=args.chunk_overlap, memory_cap=cap)
+    pipe = VideoPipeline(model, settings)
+    maps = attention_maps(pipe.model, frames, args.caption, encoder, args.words, per_layer=args.per_layer,
+                          chunk_frames=args.chunk_frames, chunk_overlap=args.chunk_overlap, memory_cap=cap,
+                          local_map=pipe.local_map())
     written = write_outputs(maps, frames, args.output, fps, model_name=args.model)
     print(f"words: {', '.join(maps.words)}; maps of {len(frames)} frames on a {maps.cell}-pixel grid")
     print(f"wrote {len(written)} files to {args.output}")
@@ -74,12 +76,17 @@ def register(subparsers) -> None:
     att.add_argument("-o", "--output", required=True, help="folder for the maps and overlays (created if missing)")
     att.add_argument("--per-layer", action="store_true", help="also keep every layer's maps in maps.safetensors")
     att.add_argument("--chunk-frames", type=int, default=16, help="frames per temporal chunk (default 16)")
-    att.add_argument("--chunk-overlap", type=int, default=4, help="frames shared by chunks (default 4)")
+    att.add_argument("--chunk-overlap", type=int, help="frames shared by chunks (default 4, or 0 for chunks shorter "
+                                                     "than 8 frames)")
     att.add_argument("--max-frames", type=int, help="only the first N frames")
     att.add_argument("--resize", type=int, help="shorter side to N pixels first")
     att.add_argument("--max-record-memory", default="2GB", help="cap on the recorded maps' memory (default 2GB)")
+    att.add_argument("--max-memory", metavar="SIZE", help="memory the model may use, as for reconstruct: levels that "
+                                                          "do not fit run in bands or tiles (the maps are the same)")
+    att.add_argument("--tile", type=int, help="expert override of --max-memory: square tiles of this many pixels")
     att.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    att.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="compute precision (default float32)")
+    att.add_argument("--dtype", choices=("auto", *DTYPE_NAMES), default="float32",
+                     help="compute precision (default float32)")
     att.set_defaults(run=run_attention)
 
     view = subparsers.add_parser("view", help="one offline HTML page: original and reconstruction(s) in sync, "

@@ -29,7 +29,7 @@ def text_model():
 
 def _captured(layer, x, text):
     found = []
-    with recording_cross_attention(lambda module, probs, mask, grid: found.append((probs, mask, grid))):
+    with recording_cross_attention(lambda module, probs, mask, grid, region: found.append((probs, mask, grid))):
         out = layer(x, text)
     return out, found
 
@@ -62,7 +62,7 @@ def test_weights_over_unmasked_tokens_sum_to_one_and_masked_tokens_get_none(text
     embeddings, mask = encoder(["a dog runs after a red ball"])
     assert 0 < mask.sum() < mask.shape[1]  # some padding to check
     found = []
-    with torch.no_grad(), recording_cross_attention(lambda m, probs, k, grid: found.append((m, probs, k))):
+    with torch.no_grad(), recording_cross_attention(lambda m, probs, k, grid, region: found.append((m, probs, k))):
         text_model(x, context=embeddings, context_mask=mask)
     assert {m for m, _, _ in found} == set(layer_names(text_model))  # spatial and temporal layers, both sides
     assert any("temporal" in name for _, name in layer_names(text_model).values())
@@ -120,7 +120,7 @@ def test_a_split_word_sums_its_tokens(text_model, encoder):
     assert select_words(encoder.words(caption), ["xylophonist"]) == {"xylophonist": pieces}
     frames = moving_pattern(4, 32, 32)
     found = []
-    with recording_cross_attention(lambda m, probs, k, grid: found.append((m, probs, grid))):
+    with recording_cross_attention(lambda m, probs, k, grid, region: found.append((m, probs, grid))):
         maps = attention_maps(text_model, frames, caption, encoder, ["Xylophonist"], per_layer=True,
                               chunk_frames=4, chunk_overlap=0)
     names = layer_names(text_model)
@@ -152,6 +152,32 @@ def test_overlapping_chunks_record_every_frame_once_per_layer(text_model, encode
     for side, layers in sides.items():
         assert maps.records[side].tolist() == [layers] * 12
     assert maps.encoder.shape == (1, 12, 4, 4) and 0 < maps.encoder.max() <= 1
+
+
+@pytest.mark.parametrize("settings, ways", [
+    ({"tile": 32, "tile_overlap": 16}, None),  # tiles of the frame, exact statistics: layers run several passes
+    ({"memory_budget": 1}, "tiles"),  # no room: every level in tiles the budget chooses
+    ({"memory_budget": "room"}, "bands"),  # a little room: full-resolution levels in bands of rows
+])
+def test_tiles_and_bands_record_every_patch_once(text_model, encoder, settings, ways):
+    """The maps made in tiles or bands are the maps of whole frames, every patch recorded once per layer."""
+    from cmvae.budget import RESERVE_BYTES
+    from cmvae.memory import memory_in_use
+    from cmvae.pipeline import PipelineSettings, VideoPipeline
+
+    if settings.get("memory_budget") == "room":
+        settings = {"memory_budget": memory_in_use(torch.device("cpu")) + RESERVE_BYTES + 48 * 2**20}
+    frames = moving_pattern(4, 64, 192) if ways == "bands" else moving_pattern(4, 64, 64)
+    whole = attention_maps(text_model, frames, "a dog and a ball", encoder, ["dog", "ball"], chunk_frames=4)
+    pipe = VideoPipeline(text_model, PipelineSettings(device="cpu", dtype="float32", **settings))
+    parts = attention_maps(pipe.model, frames, "a dog and a ball", encoder, ["dog", "ball"], chunk_frames=4,
+                           local_map=pipe.local_map())
+    if ways is not None:
+        assert ways in {record.how for record in pipe.levels.records}
+    layers = {side: sum(1 for s, _ in layer_names(text_model).values() if s == side) for side in ("encoder", "decoder")}
+    for side, count in layers.items():
+        assert parts.records[side].tolist() == [count] * 4
+        torch.testing.assert_close(parts.side(side), whole.side(side), atol=1e-4, rtol=0)
 
 
 def test_attention_command_writes_maps_overlays_and_a_video(tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import NamedTuple
 
 import torch
@@ -13,9 +14,35 @@ from torch import nn
 from .layers import LayerNorm32, group_norm, pointwise_conv
 
 
+class Region(NamedTuple):
+    """Where a layer's input sits in the whole frame, when the model runs in tiles or bands: its span and
+    the part of it whose output is kept, as fractions [start, end) of the frame's height and width.
+    `kept_rows=None`: nothing of this run is kept (a trial run on a crop)."""
+
+    rows: tuple[float, float]
+    cols: tuple[float, float]
+    kept_rows: tuple[float, float] | None
+    kept_cols: tuple[float, float] | None
+
+
+WHOLE_FRAME = Region((0.0, 1.0), (0.0, 1.0), (0.0, 1.0), (0.0, 1.0))
+NOTHING_KEPT = Region((0.0, 1.0), (0.0, 1.0), None, None)
+_region: ContextVar[Region] = ContextVar("cmvae_region", default=WHOLE_FRAME)
+
+
+@contextmanager
+def in_region(region: Region) -> Iterator[None]:
+    """Tell recording callbacks where the layers called within sit (set by tiling and banding)."""
+    token = _region.set(region)
+    try:
+        yield
+    finally:
+        _region.reset(token)
+
+
 # Called, while `recording_cross_attention` is active, with (layer, probabilities (N, heads, patches, L)
-# float32, mask (N, L), patch grid (b, t, rows, cols)). Only set by that context manager.
-AttentionCallback = Callable[["CrossAttention", torch.Tensor, torch.Tensor, tuple[int, int, int, int]], None]
+# float32, mask (N, L), patch grid (b, t, rows, cols), region). Only set by that context manager.
+AttentionCallback = Callable[["CrossAttention", torch.Tensor, torch.Tensor, tuple[int, int, int, int], Region], None]
 _recorders: list[AttentionCallback] = []
 
 
@@ -169,7 +196,7 @@ class CrossAttention(nn.Module):
         scores = q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5
         probs = (scores + bias.float()).softmax(dim=-1)
         for callback in list(_recorders):
-            callback(self, probs, mask, grid)
+            callback(self, probs, mask, grid, _region.get())
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         n, length, _ = x.shape
