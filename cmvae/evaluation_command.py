@@ -71,11 +71,15 @@ def run_eval(args: argparse.Namespace) -> None:
     lpips, lpips_note = prepare_lpips(_lpips_options(args), device)
     if args.model is None:
         report = evaluate_folders(args.ground_truth, args.reconstructions, settings, lpips, lpips_note)
+        if args.report_html:
+            _folder_pages(args)
     else:
         clips = read_dataset(args.ground_truth)
         model, model_note = load_our_model(args.model, args.config, device, resolve_dtype(args.dtype))
         text_encoder = _text_encoder(args.text_encoder) if model.cfg.has_text else None
         reconstructor = pipeline_reconstructor(model, text_encoder, _pipeline_settings(args, device))
+        if args.report_html:
+            reconstructor = _with_pages(reconstructor, clips, args)
         source = {"dataset": args.ground_truth, "model": args.model, "model_note": model_note,
                   "device": str(device), "dtype": args.dtype}
         report = evaluate_model(clips, reconstructor, settings, lpips, lpips_note, source)
@@ -88,6 +92,47 @@ def run_eval(args: argparse.Namespace) -> None:
         print(f"{report.lpips}")
         print(f"scoring: {report.scoring}")
         print(f"reports written to {args.output}")
+
+
+def _page_path(folder: str, name: str) -> Path:
+    from .evaluation import _safe_name
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return Path(folder) / f"view_{_safe_name(name)}.html"
+
+
+def _folder_pages(args: argparse.Namespace) -> None:
+    """A viewer page per pair of files, in the report folder."""
+    from .evaluation import pair_folders
+    from .viewer import write_file_page
+
+    pairs, _ = pair_folders(args.ground_truth, args.reconstructions)
+    for pair in pairs:
+        write_file_page(_page_path(args.output, pair.name), pair.reference, [pair.reconstruction], args.max_frames)
+
+
+def _with_pages(reconstructor, clips: list, args: argparse.Namespace):
+    """The reconstructor, writing a viewer page for each clip as it goes (clips come in order, one process)."""
+    from dataclasses import replace
+
+    from .command_core import CommandError
+    from .evaluation import distributed_world
+    from .metrics import quantize
+    from .video_io import probe
+    from .viewer import write_page
+
+    if distributed_world()[1] > 1:
+        raise CommandError("--report-html runs in one process only, not under torchrun")
+    pending = iter(clips)
+
+    def reconstruct(frames, caption):
+        output = reconstructor.reconstruct(frames, caption)
+        clip = next(pending)
+        write_page(_page_path(args.output, clip.name), frames, {args.model: quantize(output)}, probe(clip.path).fps,
+                   f"cmvae eval: {clip.name}")
+        return output
+
+    return replace(reconstructor, reconstruct=reconstruct)
 
 
 def _check_eval_arguments(args: argparse.Namespace) -> None:
@@ -115,8 +160,13 @@ def run_compare(args: argparse.Namespace) -> None:
     clips = read_dataset(args.clips)
     lpips, lpips_note = prepare_lpips(_lpips_options(args), device)
     text_encoder = _text_encoder(args.text_encoder) if args.text_encoder else None
-    report = compare(clips, args.model, settings, lpips, lpips_note, text_encoder)
+    outputs: dict[str, dict] = {}
+    keep = (lambda model, clip, frames: outputs.setdefault(clip.name, {}).__setitem__(model, frames)) \
+        if args.report_html else None
+    report = compare(clips, args.model, settings, lpips, lpips_note, text_encoder, keep_outputs=keep)
     write_reports(report, args.output)
+    if args.report_html:
+        _compare_pages(clips, outputs, args)
     for model in report.models:
         pooled, row = model.pooled, model.row()
         peak = max(row["encode_peak_mib"], row["decode_peak_mib"])
@@ -126,6 +176,17 @@ def run_compare(args: argparse.Namespace) -> None:
     print(report.lpips)
     print(f"memory: {report.memory}")
     print(f"reports written to {args.output}")
+
+
+def _compare_pages(clips: list, outputs: dict[str, dict], args: argparse.Namespace) -> None:
+    """A viewer page per clip, every model of the comparison in its own column."""
+    from .video_io import probe, read_video
+    from .viewer import write_page
+
+    for clip in clips:
+        original = read_video(clip.path, max_frames=args.max_frames)
+        write_page(_page_path(args.output, clip.name), original, outputs[clip.name], probe(clip.path).fps,
+                   f"cmvae compare: {clip.name}")
 
 
 def _refuse_reports_over_inputs(folder: str, report_files: tuple[str, ...], *inputs: str | None) -> None:
@@ -145,6 +206,8 @@ def _common(parser: argparse.ArgumentParser, default_output: str) -> None:
     parser.add_argument("--float", action="store_true",
                         help="score in-memory reconstructions as floats (default: rounded to 8 bits like a saved file)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--report-html", action="store_true",
+                        help="also write a viewer page per clip (view_<name>.html in the report folder; see `cmvae view`)")
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     parser.add_argument("--text-encoder", help="for text models: t5 (the released models'), minilm, a hub name or a "
                                                "folder (default: the one of the model's width)")

@@ -248,6 +248,11 @@ class VideoPipeline:
         with row_statistics():
             return self.model.decode(z, image_mode=image_mode, local_map=self._tiler(), **text).sample
 
+    def local_map(self) -> LocalMap | None:
+        """What runs each level of the spatial encoder and decoder (`local_map` of `CrossModalVAE.encode`):
+        None (whole), the memory budget's bands or tiles, or the set tiles."""
+        return self._tiler()
+
     def _tiler(self) -> LocalMap | None:
         """`local_map` for the model: within the budget, or each level in tiles of the frame's tiling,
         scaled to the level, where a tile size is set."""

@@ -69,6 +69,20 @@ class HFTextEncoder:
         return hidden.float(), mask.float()
 
 
+    def words(self, caption: str) -> list[tuple[str, list[int]]]:
+        """The caption's words as the tokenizer splits them, in order, each with the positions of its tokens
+        in the embeddings `__call__` returns (special and padding tokens belong to no word; words cut off
+        by `max_length` are left out). Needs a fast tokenizer (word ids and character offsets)."""
+        tokens = self.tokenizer(caption, padding="max_length", max_length=self.max_length, truncation=True)
+        if not tokens.encodings:
+            raise ValueError(f"the tokenizer of {self.name} cannot map tokens to words (not a fast tokenizer)")
+        positions: dict[int, list[int]] = {}
+        for position, word in enumerate(tokens.word_ids()):
+            if word is not None and tokens["attention_mask"][position]:
+                positions.setdefault(word, []).append(position)
+        return [(caption[slice(*tokens.word_to_chars(word))], found) for word, found in positions.items()]
+
+
 def _from_pretrained(cls, name: str, **kwargs):
     """Prefer what is on disk; go to the hub only when that fails, the hub is not switched off and
     it answers (offline, the hub client would retry for about half a minute before giving up)."""

@@ -18,7 +18,7 @@ statistics shifts colours and leaves seams. Three ways to deal with that (`norm`
 - `"per-tile"`: every tile uses its own statistics; linear blending. One pass.
 
 Nothing here knows the network: it finds `nn.GroupNorm` modules and patches their forward for the
-duration.
+duration, and tells whoever records attention (`cmvae.models.attention.in_region`) where each tile sits.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .models.attention import NOTHING_KEPT, Region, in_region
 
 NORM_MODES = ("exact", "first-pass", "per-tile")
 
@@ -284,7 +286,8 @@ def _gather_first_pass(fn, x: torch.Tensor, shared: SharedGroupNorm, tile: int, 
     for r0, r1 in owned_spans(tile_spans(height, tile, 0, align), align):
         for c0, c1 in owned_spans(tile_spans(width, tile, 0, align), align):
             shared.start_tile("collect")
-            fn(x[..., r0:r1, c0:c1])
+            with in_region(NOTHING_KEPT):  # statistics only: this pass's outputs are not the frame's
+                fn(x[..., r0:r1, c0:c1])
 
 
 def _join(fn, x, rows, cols, shared: SharedGroupNorm | None = None, owned: tuple[list, list] | None = None
@@ -293,15 +296,20 @@ def _join(fn, x, rows, cols, shared: SharedGroupNorm | None = None, owned: tuple
     the pass stopped the tiles."""
     canvas = _Canvas(rows, cols, owned)
     stopped = False
+    kept = owned or (owned_spans(rows), owned_spans(cols))
     for i, (r0, r1) in enumerate(rows):
         for j, (c0, c1) in enumerate(cols):
+            height, width = x.shape[-2:]
             if owned is not None:
                 region = _fractions(rows[i], owned[0][i]) + _fractions(cols[j], owned[1][j])
                 shared.start_tile("progressive", region)
             elif shared is not None:
                 shared.start_tile("apply")
+            region = Region((r0 / height, r1 / height), (c0 / width, c1 / width),
+                            tuple(v / height for v in kept[0][i]), tuple(v / width for v in kept[1][j]))
             try:
-                y = fn(x[..., r0:r1, c0:c1])
+                with in_region(region):
+                    y = fn(x[..., r0:r1, c0:c1])
             except _StopTile:
                 stopped = True
                 continue

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import NamedTuple
 
 import torch
@@ -9,6 +12,49 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import LayerNorm32, group_norm, pointwise_conv
+
+
+class Region(NamedTuple):
+    """Where a layer's input sits in the whole frame, when the model runs in tiles or bands: its span and
+    the part of it whose output is kept, as fractions [start, end) of the frame's height and width.
+    `kept_rows=None`: nothing of this run is kept (a trial run on a crop)."""
+
+    rows: tuple[float, float]
+    cols: tuple[float, float]
+    kept_rows: tuple[float, float] | None
+    kept_cols: tuple[float, float] | None
+
+
+WHOLE_FRAME = Region((0.0, 1.0), (0.0, 1.0), (0.0, 1.0), (0.0, 1.0))
+NOTHING_KEPT = Region((0.0, 1.0), (0.0, 1.0), None, None)
+_region: ContextVar[Region] = ContextVar("cmvae_region", default=WHOLE_FRAME)
+
+
+@contextmanager
+def in_region(region: Region) -> Iterator[None]:
+    """Tell recording callbacks where the layers called within sit (set by tiling and banding)."""
+    token = _region.set(region)
+    try:
+        yield
+    finally:
+        _region.reset(token)
+
+
+# Called, while `recording_cross_attention` is active, with (layer, probabilities (N, heads, patches, L)
+# float32, mask (N, L), patch grid (b, t, rows, cols), region). Only set by that context manager.
+AttentionCallback = Callable[["CrossAttention", torch.Tensor, torch.Tensor, tuple[int, int, int, int], Region], None]
+_recorders: list[AttentionCallback] = []
+
+
+@contextmanager
+def recording_cross_attention(callback: AttentionCallback) -> Iterator[None]:
+    """While active, every `CrossAttention` recomputes its softmax weights from the same q and k
+    (SDPA does not return them) and hands them to `callback`; the layer's output is unchanged."""
+    _recorders.append(callback)
+    try:
+        yield
+    finally:
+        _recorders.remove(callback)
 
 
 class TextContext(NamedTuple):
@@ -138,9 +184,19 @@ class CrossAttention(nn.Module):
         bias = torch.zeros(text.mask.shape, dtype=q.dtype, device=q.device)
         bias = bias.masked_fill(text.mask <= 0.5, torch.finfo(q.dtype).min)[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if _recorders:
+            self._report(q, k, bias, text.mask, (b, t, h // p, w // p))
         out = self.to_out(out.transpose(1, 2).flatten(2))  # (B*T, tokens, p*p*c)
         out = out.reshape(b, t, h // p, w // p, p, p, c).permute(0, 6, 1, 2, 4, 3, 5)
         return out.reshape(b, c, t, h, w)
+
+    def _report(self, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor,
+                grid: tuple[int, int, int, int]) -> None:
+        # SDPA's default scale, 1/sqrt(head_dim), in float32 whatever the compute dtype
+        scores = q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5
+        probs = (scores + bias.float()).softmax(dim=-1)
+        for callback in list(_recorders):
+            callback(self, probs, mask, grid, _region.get())
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         n, length, _ = x.shape

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import Region, in_region
 from .groupnorm import RowSums, normalize
 from .layers import onednn_applies
 from .resnet import ResnetBlock
@@ -455,7 +456,9 @@ def _run_block(step: Step, option: Option, source: Stored, row_bands, call: Leve
         """The block's output rows from its main path's: plus the shortcut, then the cross-attention."""
         band += _shortcut_rows(block, shortcut, shortcut_stats, rows, lo, a, b, height)
         if step.attention is not None:
-            band += step.attention(band, call.text)
+            rows_of_frame = (a / height, b / height)
+            with in_region(Region(rows_of_frame, (0.0, 1.0), rows_of_frame, (0.0, 1.0))):
+                band += step.attention(band, call.text)
         return band
 
     if option.mode.startswith("layers"):
