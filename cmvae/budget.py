@@ -79,6 +79,9 @@ class LevelsWithinBudget:
         tile, overlap, predicted = self._tiles_that_fit(call, x, scale, allowance)
         self._record(LevelRecord(name, "tiles", f"tiles of {tile} pixels overlapping by {overlap}", allowance,
                                  predicted))
+        if predicted > allowance:
+            log.warning("%s: even the smallest tiles (%d pixels) need about %s more than the memory budget "
+                        "leaves; the run may exceed --max-memory", name, tile, format_size(predicted - allowance))
         align = max(2, self.model.cfg.spatial_compression // scale)
         return tiled_apply(call, x, tile, overlap, align=align, norm_root=self.model, norm="exact")
 
