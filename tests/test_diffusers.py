@@ -240,6 +240,6 @@ def test_the_latent_diffusion_example_runs_end_to_end(tmp_path):
     settings = latent_diffusion.Settings(clips=2, frames=8, size=32, steps=2, sample_steps=2)
     results = latent_diffusion.run(tmp_path, settings)
     assert results.latent_shape == [2, 16, 2, 4, 4]
-    values = [results.first_loss, results.final_loss, results.sample_psnr, results.reconstruction_psnr]
-    assert all(np.isfinite(values)), results
+    values = [results.first_loss, results.final_loss, *results.sample_psnr, *results.reconstruction_psnr]
+    assert len(values) == 6 and all(np.isfinite(values)), results
     assert (tmp_path / "strip.png").stat().st_size > 0
