@@ -161,10 +161,10 @@ class CrossModalVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         from ..memory import parse_size
         from ..tiling import TileSettings
 
-        self.tiling_max_memory = None if max_memory is None else parse_size(max_memory)
-        self.tile_sample_min_size = tile_sample_min_size or self.tile_sample_min_size
-        self.tile_overlap = self.tile_overlap if tile_overlap is None else tile_overlap
-        TileSettings(self.tile_sample_min_size, self.tile_overlap)  # validates
+        max_memory = None if max_memory is None else parse_size(max_memory)
+        tiles = TileSettings(tile_sample_min_size or self.tile_sample_min_size,
+                             self.tile_overlap if tile_overlap is None else tile_overlap)  # validates
+        self.tiling_max_memory, self.tile_sample_min_size, self.tile_overlap = max_memory, tiles.tile, tiles.overlap
         self.use_tiling = True
 
     def enable_temporal_chunking(self, chunk_frames: int = 16, overlap: int = 4) -> None:
