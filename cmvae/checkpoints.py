@@ -167,7 +167,8 @@ def _infer_text(state: dict[str, torch.Tensor], widths: list[int]) -> dict:
         features = state[f"encoder.down.{level}.attn.0.norm.weight"].shape[0]
         patch_sizes.append(math.isqrt(features // width))
     return dict(context_dim=context_dim, cross_attention_heads=8, cross_attention_head_dim=64,
-                cross_attention_patch_sizes=tuple(patch_sizes))
+                cross_attention_patch_sizes=tuple(patch_sizes),
+                text_encoder_name="google/flan-t5-large" if context_dim == 1024 else None)
 
 
 # ---- strict loading -------------------------------------------------------------------------------
@@ -352,10 +353,25 @@ def _mark_as_ours(staging: Path) -> None:
 
 
 def convert_checkpoint(source: str | os.PathLike, folder: str | os.PathLike, config: ConfigLike = None,
-                       dtype: torch.dtype = torch.float32, overwrite: bool = False) -> tuple[CrossModalVAE, LoadReport]:
-    """Turn a released `.ckpt` (or any supported weights file) into a model folder."""
+                       dtype: torch.dtype = torch.float32, overwrite: bool = False,
+                       latent_stats: str | os.PathLike | None = None) -> tuple[CrossModalVAE, LoadReport]:
+    """Turn a released `.ckpt` (or any supported weights file, or a model folder) into a model folder; with
+    `latent_stats` (a latent_stats.json of `cmvae encode-dataset`), its statistics go into the config."""
     for name in MODEL_FILES:
         refuse_overwriting_input(Path(folder) / name, source)
-    model, report = model_from_state_dict(read_state_dict(source), config, dtype=dtype)
+    stats = None
+    if latent_stats is not None:
+        from .encode_dataset import read_latent_stats
+
+        stats = read_latent_stats(latent_stats)
+    if Path(source).is_dir():
+        model, report = load_model(source, config=config, dtype=dtype), LoadReport()
+    else:
+        model, report = model_from_state_dict(read_state_dict(source), config, dtype=dtype)
+    if stats is not None:
+        try:
+            model.set_latent_statistics(stats.mean, stats.std)
+        except ValueError as error:
+            raise CheckpointError(f"{latent_stats} does not fit this model: {error}") from None
     save_model(model, folder, overwrite=overwrite)
     return model, report

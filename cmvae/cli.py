@@ -339,7 +339,8 @@ def _convert(args: argparse.Namespace) -> None:
     from .device import resolve_dtype
 
     model, report = convert_checkpoint(args.checkpoint, args.output, config=args.config,
-                                       dtype=resolve_dtype(args.dtype), overwrite=args.overwrite)
+                                       dtype=resolve_dtype(args.dtype), overwrite=args.overwrite,
+                                       latent_stats=args.latent_stats)
     params = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.output}: {params:,} parameters; {report.describe()}")
 
@@ -401,12 +402,15 @@ def build_parser() -> argparse.ArgumentParser:
     ds.set_defaults(run=_encode_dataset)
 
     convert = commands.add_parser("convert", help="turn a released .ckpt (or any weights file) into a model folder")
-    convert.add_argument("checkpoint", help="a .ckpt, .pt, .pth or .safetensors file")
+    convert.add_argument("checkpoint", help="a .ckpt, .pt, .pth or .safetensors file, or a model folder")
     convert.add_argument("-o", "--output", required=True, help="model folder to write (config.json + safetensors)")
     convert.add_argument("--config", help="preset name or JSON file; default: read off the weights")
     convert.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="dtype of the saved weights")
     convert.add_argument("--overwrite", action="store_true",
                          help="replace a model folder that cmvae wrote before (only its own files)")
+    convert.add_argument("--latent-stats", metavar="FILE",
+                         help="latent_stats.json of `cmvae encode-dataset`: its per-channel mean and std go into the "
+                              "config (latents_mean, latents_std) for normalize_latents / denormalize_latents")
     convert.set_defaults(run=_convert)
 
     from .evaluation_command import register as register_evaluation

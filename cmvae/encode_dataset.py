@@ -164,6 +164,22 @@ def latent_stats(out_dir: str | os.PathLike) -> LatentStats:
     return LatentStats(mean.tolist(), std.tolist(), float(1.0 / overall_std), items, count)
 
 
+def read_latent_stats(path: str | os.PathLike) -> LatentStats:
+    """A latent_stats.json that `write_latent_stats` wrote (a folder: the one in it)."""
+    path = Path(path)
+    path = path / STATS_FILE if path.is_dir() else path
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+        stats = LatentStats(**values)
+        if not (isinstance(stats.mean, list) and isinstance(stats.std, list) and len(stats.mean) == len(stats.std)):
+            raise TypeError("mean and std must be lists of one number per channel")
+    except OSError as error:
+        raise ValueError(f"cannot read latent statistics from {path}: {error.strerror or error}") from None
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{path} is not a {STATS_FILE} written by `cmvae encode-dataset` ({error})") from None
+    return stats
+
+
 def write_latent_stats(out_dir: str | os.PathLike) -> Path:
     stats = latent_stats(out_dir)
     path = Path(out_dir) / STATS_FILE

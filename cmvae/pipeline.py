@@ -24,14 +24,15 @@ from tqdm.auto import tqdm
 
 from .chunking import ChunkSettings, window_starts, windowed_map
 from .budget import LevelsWithinBudget
+from .local_maps import levels_within, tiled_levels
 from .device import resolve_device, resolve_precision
 from .files import atomic_path, refuse_overwriting_input
-from .memory import Budget, default_budget, parse_size
+from .memory import parse_size
 from .models import CrossModalVAE
-from .models.config import LATENT_STATISTICS
+from .models.config import NOT_NETWORK
 from .models.groupnorm import row_statistics
 from .models.spatial import LocalMap
-from .tiling import TileSettings, tiled_apply
+from .tiling import TileSettings
 from .video_io import DecodeLog, EncodeSettings, MediaInfo, VideoWriter, iter_chunks, probe
 
 LATENT_FORMAT = "cmvae-latent-1"
@@ -112,7 +113,7 @@ class EncodedVideo:
 
 def model_fingerprint(model: CrossModalVAE) -> str:
     """A short hash of the configuration and weights: latents are only decoded by the model that made them."""
-    architecture = {k: v for k, v in model.cfg.to_dict().items() if k not in LATENT_STATISTICS}
+    architecture = {k: v for k, v in model.cfg.to_dict().items() if k not in NOT_NETWORK}
     digest = hashlib.sha256(json.dumps(architecture, sort_keys=True).encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
@@ -201,12 +202,7 @@ class VideoPipeline:
         self.progress = progress
         self.levels: LevelsWithinBudget | None = None
         if self.settings.tile is None:
-            self.levels = LevelsWithinBudget(self.model, self._budget(), self.device, notify)
-
-    def _budget(self) -> Budget:
-        if self.settings.memory_budget is not None:
-            return Budget(self.settings.memory_budget, "asked for")
-        return default_budget(self.device)
+            self.levels = levels_within(self.model, self.settings.memory_budget, self.device, notify)
 
     @property
     def spatial_factor(self) -> int:
@@ -258,18 +254,7 @@ class VideoPipeline:
         scaled to the level, where a tile size is set."""
         if self.levels is not None:
             return self.levels
-        tiling = self.settings.tiling
-        if not tiling.tile:
-            return None
-
-        def local_map(fn, x: torch.Tensor, scale: int) -> torch.Tensor:
-            tile, overlap = tiling.level_tiles(scale)
-            # tiles start and are cut on the frame's grid of `spatial_factor` pixels, which keeps every
-            # level's downsampling and its cross-attention's patches where they are in the whole frame
-            align = max(2, self.spatial_factor // scale)
-            return tiled_apply(fn, x, tile, overlap, align=align, norm_root=self.model, norm=tiling.norm)
-
-        return local_map
+        return tiled_levels(self.model, self.settings.tiling) if self.settings.tiling.tile else None
 
     # ---- streams ------------------------------------------------------------------------------
 

@@ -121,9 +121,9 @@ def test_overwrite_replaces_only_the_model_files_with_the_usual_permissions(comm
     assert code == 1 and "--overwrite" in err
     assert run(capsys, command, source, "-o", folder, "--overwrite")[0] == 0
     assert (folder / "README.md").read_text() == "my notes on this model"
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json",
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "autoencoder.py", "config.json",
                                                         "diffusion_pytorch_model.safetensors"]
-    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+    for name in ("autoencoder.py", "config.json", "diffusion_pytorch_model.safetensors"):
         assert (folder / name).stat().st_mode & 0o777 == usual_mode(), name
     assert (folder.stat().st_mode & 0o777) == usual_mode(directory=True)
     reloaded = load_model(folder)

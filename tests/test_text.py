@@ -66,7 +66,7 @@ def test_precomputed_embeddings_match_captions(minilm_encoder):
 
 
 def test_text_model_without_text_says_what_to_do():
-    model = CrossModalVAE.from_preset("tiny-text")
+    model = CrossModalVAE.from_preset("tiny-text", text_encoder_name=None)  # a config that names no encoder
     with pytest.raises(ValueError, match="set_text_encoder"):
         model.encode(torch.zeros(1, 3, 4, 16, 16))
 

@@ -25,6 +25,9 @@ class CMVAEConfig:
     cross_attention_heads: int = 8
     cross_attention_head_dim: int = 64
     cross_attention_patch_sizes: tuple[int, ...] = (8, 4, 2, 1)  # per spatial level, level 0 first
+    # The text encoder the cross-attention was trained with (`cmvae.text.load_text_encoder`: `t5`, `minilm`,
+    # a hub name or a folder); used for captions, and for the empty caption when none is given.
+    text_encoder_name: str | None = None
     # Per-channel statistics of the model's latents (as Wan's VAE keeps them): diffusion models train on
     # (z - mean) / std. Not part of the network; None where unmeasured.
     latents_mean: tuple[float, ...] | None = None
@@ -108,8 +111,10 @@ class CMVAEConfig:
 
 _FIELD_TYPES = {"int": "an integer", "bool": "true or false", "float": "a number",
                 "int | None": "an integer or null", "tuple[int, ...]": "a list of integers",
-                "tuple[float, ...] | None": "a list of numbers or null"}
+                "tuple[float, ...] | None": "a list of numbers or null", "str | None": "a string or null"}
 LATENT_STATISTICS = ("latents_mean", "latents_std")
+# Fields that do not change the network's computation (left out of a model's fingerprint).
+NOT_NETWORK = LATENT_STATISTICS + ("text_encoder_name",)
 
 
 def _is_a(value, expected: str) -> bool:
@@ -124,6 +129,8 @@ def _is_a(value, expected: str) -> bool:
         return integer(value) or isinstance(value, float)
     if expected == "an integer or null":
         return value is None or integer(value)
+    if expected == "a string or null":
+        return value is None or isinstance(value, str)
     if expected == "a list of numbers or null":
         return value is None or (isinstance(value, (list, tuple)) and all(integer(v) or isinstance(v, float)
                                                                           for v in value))
@@ -134,18 +141,19 @@ _RELEASED = CMVAEConfig()
 # Reduced models with the released structure (the reference data in ../shared/reference uses these).
 _SMALL = CMVAEConfig(base_channels=32, channel_multipliers=(1, 2, 2, 2), temporal_channels=32)
 _SMALL_TEXT = dict(cross_attention_heads=2, cross_attention_head_dim=16)
+_T5 = "google/flan-t5-large"
 
 PRESETS: dict[str, CMVAEConfig] = {
     "16z": _RELEASED,
-    "16z-text": _RELEASED.replace(context_dim=1024),
+    "16z-text": _RELEASED.replace(context_dim=1024, text_encoder_name=_T5),
     "4z": _RELEASED.replace(latent_channels=4, use_quant_conv=True),
-    "4z-text": _RELEASED.replace(latent_channels=4, use_quant_conv=True, context_dim=1024),
+    "4z-text": _RELEASED.replace(latent_channels=4, use_quant_conv=True, context_dim=1024, text_encoder_name=_T5),
     "small-16z": _SMALL,
-    "small-16z-text": _SMALL.replace(context_dim=384, **_SMALL_TEXT),  # the offline MiniLM encoder's width
+    "small-16z-text": _SMALL.replace(context_dim=384, text_encoder_name="minilm", **_SMALL_TEXT),  # offline MiniLM
     "small-4z-text": _SMALL.replace(latent_channels=4, use_quant_conv=True, context_dim=64, **_SMALL_TEXT),
     # For fast tests and demos: one residual block a level (9M parameters).
     "tiny": _SMALL.replace(num_res_blocks=1),
-    "tiny-text": _SMALL.replace(num_res_blocks=1, context_dim=384, **_SMALL_TEXT),
+    "tiny-text": _SMALL.replace(num_res_blocks=1, context_dim=384, text_encoder_name="minilm", **_SMALL_TEXT),
 }
 
 
