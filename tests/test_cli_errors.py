@@ -175,17 +175,16 @@ def test_ctrl_c_while_starting(fast, clip, tmp_path):
     deadline = time.time() + 60
     while not _libtorch_mapped(process.pid) and process.poll() is None and time.time() < deadline:
         time.sleep(0.005)
-    # C code inside the import may swallow a pending KeyboardInterrupt (it clears any error, as
-    # PyObject_HasAttr does): press Ctrl-C again, as a user would, until the process ends
-    for _ in range(10):
+    # Code inside the imports may swallow a pending KeyboardInterrupt (C code that clears any error, as
+    # PyObject_HasAttr does; seen on a loaded machine): press Ctrl-C again, as a user would, until it ends
+    deadline = time.time() + 120
+    while True:
         process.send_signal(signal.SIGINT)
         try:
-            _, err = process.communicate(timeout=1)
+            _, err = process.communicate(timeout=0.5)
             break
         except subprocess.TimeoutExpired:
-            continue
-    else:
-        _, err = process.communicate(timeout=60)
+            assert time.time() < deadline, "the command did not stop on Ctrl-C within two minutes"
     assert process.returncode == 130, err
     assert err.strip() == "cmvae reconstruct: interrupted"
     assert not (tmp_path / "out.mp4").exists()

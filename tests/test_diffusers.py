@@ -4,8 +4,6 @@ the output classes, the latent normalisation filled from an encoded data set, an
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from cmvae.datasets import list_items
 from cmvae.encode_dataset import encode_dataset, write_latent_stats
 from cmvae.pipeline import PipelineSettings, VideoPipeline
 
+from fresh_process import run_child
 from media import sample_clip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,11 +161,7 @@ def test_tiling_with_a_memory_budget_gives_the_untiled_output():
 
 def _fresh_decode(tiling: dict | None, output: Path) -> dict:
     spec = {"latent": [1, 16, 1, 32, 32], "tiling": tiling, "output": str(output)}
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(CHILD), json.dumps(spec)], capture_output=True, text=True, env=env,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(CHILD, spec)
 
 
 def test_tiling_decodes_as_untiled_on_far_less_memory(tmp_path):

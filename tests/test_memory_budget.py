@@ -3,10 +3,6 @@ not depend on how the levels ran (whole, in bands of rows or in tiles)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +16,10 @@ from cmvae.memory import memory_in_use, parse_size
 from cmvae.pipeline import PipelineSettings, VideoPipeline
 from cmvae.video_io import write_video
 
+from fresh_process import run_child
 from media import moving_pattern
 from random_models import with_temporal_layers
 
-ROOT = Path(__file__).resolve().parents[1]
 CHILD = Path(__file__).resolve().parent / "run_within_budget.py"
 
 
@@ -99,11 +95,7 @@ CLIP = {"frames": 8, "height": 256, "width": 256}
 
 def _fresh_run(settings: dict, output: Path) -> dict:
     spec = {**CLIP, "settings": settings, "output": str(output)}
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(CHILD), json.dumps(spec)], capture_output=True, text=True, env=env,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(CHILD, spec)
 
 
 def test_a_fresh_process_stays_within_its_budget(tmp_path):
