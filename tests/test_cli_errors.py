@@ -167,11 +167,18 @@ def _libtorch_mapped(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to see when PyTorch loads")
+def _ctrl_c_as_in_a_terminal() -> None:
+    """In the child before it starts: SIGINT handled by default and not blocked, as a shell leaves it. In the
+    full suite the child once inherited a state in which no Ctrl-C reached it (it ran to the end, exit 0)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_while_starting(fast, clip, tmp_path):
     """SIGINT while PyTorch is being imported (the first seconds) ends in one line, exit 130."""
     command = [sys.executable, "-m", "cmvae.cli", "reconstruct", str(clip), "-o", str(tmp_path / "out.mp4"), *fast]
     process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, preexec_fn=_ctrl_c_as_in_a_terminal)
     deadline = time.time() + 60
     while not _libtorch_mapped(process.pid) and process.poll() is None and time.time() < deadline:
         time.sleep(0.005)
