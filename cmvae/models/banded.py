@@ -36,7 +36,7 @@ from torch import nn
 
 from .attention import Region, in_region
 from .groupnorm import RowSums, normalize
-from .layers import onednn_applies
+from .layers import conv3d
 from .resnet import ResnetBlock
 from .spatial import LevelCall, SpatialEncoder
 
@@ -60,10 +60,7 @@ def _pad_rows(x: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
 def _conv(x: torch.Tensor, conv: nn.Conv3d, padding: tuple[int, int, int]) -> torch.Tensor:
     """`F.conv3d`, float32 on the CPU through oneDNN as in `layers.Conv3d` (whole frames): PyTorch would send
     bands, which have few rows, to a native kernel that is several times slower and rounds differently."""
-    if onednn_applies(x, conv.weight):
-        return torch.ops.aten.mkldnn_convolution(x, conv.weight, conv.bias, list(padding), list(conv.stride),
-                                                 list(conv.dilation), conv.groups)
-    return F.conv3d(x, conv.weight, conv.bias, conv.stride, padding)
+    return conv3d(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
 
 
 def conv_rows(conv: nn.Conv3d, inp: torch.Tensor, lo: int, a: int, b: int, height: int) -> torch.Tensor:

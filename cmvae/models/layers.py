@@ -50,10 +50,17 @@ class Conv3d(nn.Conv3d):
     """
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.padding_mode == "zeros" and isinstance(self.padding, tuple) and onednn_applies(x, weight):
-            return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(self.padding), list(self.stride),
-                                                     list(self.dilation), self.groups)
+        if self.padding_mode == "zeros" and isinstance(self.padding, tuple):
+            return conv3d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         return super()._conv_forward(x, weight, bias)
+
+
+def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, ...],
+           padding: tuple[int, ...], dilation: tuple[int, ...], groups: int) -> torch.Tensor:
+    """`F.conv3d` with numeric padding, through oneDNN where `onednn_applies`."""
+    if onednn_applies(x, weight):
+        return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(padding), list(stride), list(dilation), groups)
+    return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
 
 
 def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
